@@ -1,0 +1,221 @@
+"""Typed parameters: dataclasses filled from a section of ``params.yaml`` and the command line.
+
+Every stage declares its knobs as a dataclass whose fields carry help text in
+``field(metadata={"help": ...})``. :func:`parse_config` builds the stage's argument parser from that
+dataclass, takes defaults from the stage's section of ``params.yaml`` (what ``dvc repro`` runs),
+lets command-line flags override them, and validates types. Any mistake is one line naming the file
+or flag, the field, what was expected and what was found: :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from qprobe.errors import QProbeError
+
+T = TypeVar("T")
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(QProbeError, ValueError):
+    """A parameter file or flag that does not fit its dataclass."""
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found (run from the repository root or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def _optional_inner(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert only where no information is lost."""
+    inner, optional = _optional_inner(tp)
+    if value is None:
+        if optional or tp is Any:
+            return None
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got null")
+    tp = inner
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if typing.get_origin(tp) is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        args = typing.get_args(tp)
+        val_tp = args[1] if len(args) == 2 else Any
+        return {k: _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are :class:`ConfigError`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where or cls.__name__}: unknown key {unknown[0]!r} (expected one of: {', '.join(sorted(fields))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+    return obj
+
+
+def _parse_flag(text: str, tp: Any, flag: str) -> Any:
+    """Parse a command-line string as YAML (so lists and numbers work), then type-check it."""
+    inner, _ = _optional_inner(tp)
+    if inner is str:
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{flag}: cannot parse {text!r}") from exc
+    return _coerce(value, tp, flag)
+
+
+def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--flag-name`` per field of ``cls`` (help from the field metadata)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default=PARAMS_FILE, help="parameter file whose section gives the defaults")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        inner, _ = _optional_inner(hints[f.name])
+        if inner is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f.metadata.get("help"))
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+                                help=f.metadata.get("help"))
+    return parser
+
+
+def parse_config(
+    cls: type[T],
+    section: str | None,
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+    description: str | None = None,
+) -> T:
+    """Defaults from ``params.yaml[section]`` (when the file exists), overridden by flags in ``argv``.
+
+    A missing ``params.yaml`` is fine when the caller passes everything on the command line; an
+    explicitly named ``--params`` file must exist.
+    """
+    parser = build_parser(cls, prog or f"qprobe {section}", description)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    params_path = Path(args.params)
+    base: dict[str, Any] = {}
+    explicit = args.params != PARAMS_FILE
+    if section is not None and (params_path.is_file() or explicit):
+        params = load_params(params_path)
+        base = params.get(section) or {}
+        if not isinstance(base, dict):
+            raise ConfigError(f"{params_path}: section {section!r} must be a mapping")
+        base = dict(base)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        raw = getattr(args, f.name, None)
+        if raw is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        base[f.name] = raw if isinstance(raw, bool) else _parse_flag(raw, hints[f.name], flag)
+    where = f"{params_path}:{section}" if section else cls.__name__
+    return from_dict(cls, base, where)
+
+
+def to_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a dataclass into ``{"a.b": value}`` for MLflow params."""
+    out: dict[str, Any] = {}
+    items = dataclasses.asdict(obj).items() if dataclasses.is_dataclass(obj) else obj.items()
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(to_flat_dict(value, prefix=name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def repo_root() -> Path:
+    """The repository root: ``QPROBE_ROOT`` if set, else the nearest parent holding ``dvc.yaml``."""
+    env = os.environ.get("QPROBE_ROOT")
+    if env:
+        return Path(env)
+    here = Path.cwd()
+    for candidate in (here, *here.parents):
+        if (candidate / "dvc.yaml").is_file():
+            return candidate
+    return here

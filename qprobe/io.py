@@ -1,0 +1,182 @@
+"""Safe image I/O, atomic writes and content hashes.
+
+Every image the pipeline reads goes through :func:`load_image`: EXIF orientation is applied, the
+result is 8-bit RGB, the pixel count is checked *before* decoding (decompression bombs), and a
+corrupt, truncated or non-image file raises :class:`ImageError` with a message naming the file.
+
+Every file the pipeline writes goes through an atomic write (temp file in the same folder, then
+``os.replace``), so a stage killed mid-write leaves either the old file or the new one, never half
+of one, and a re-run can trust any file it finds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from qprobe.errors import QProbeError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
+DEFAULT_MAX_PIXELS = 64_000_000  # ~8K x 8K; larger files are refused unless the caller raises it
+
+# Our own check runs before decoding; Pillow's bomb guard would otherwise refuse files we allow.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(QProbeError, ValueError):
+    """An image file that cannot be used; the message names the file and the reason."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # Pillow's convert("RGB") clips 16-bit values at 255 (a white image); scale instead.
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels are shown over white, as a viewer would show them.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _open(source: str | Path | bytes, name: str, max_pixels: int) -> Image.Image:
+    try:
+        stream = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot open ({exc.strerror or exc})") from exc
+    with stream:
+        try:
+            img = Image.open(stream)
+        except UnidentifiedImageError as exc:
+            raise ImageError(f"{name}: not an image file Pillow can read") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(f"{name}: corrupt image header ({exc})") from exc
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise ImageError(f"{name}: empty image ({width}x{height})")
+        if width * height > max_pixels:
+            raise ImageError(
+                f"{name}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels}"
+            )
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise ImageError(f"{name}: corrupt or truncated image data ({exc})") from exc
+    # A malformed EXIF block must not lose an otherwise good image.
+    with contextlib.suppress(Exception):
+        img = ImageOps.exif_transpose(img)
+    return _to_rgb(img)
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Load ``path`` as an upright 8-bit RGB image, or raise :class:`ImageError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes)")
+    return _open(path, str(path), max_pixels)
+
+
+def load_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Like :func:`load_image` for bytes already in memory (S3 objects, datasets); ``name`` is for errors."""
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    return _open(data, name, max_pixels)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """Width and height from the header alone (EXIF orientation applied), without decoding pixels."""
+    with Image.open(path) as img:
+        width, height = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    On an exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_image_atomic(img: Image.Image, path: str | Path, **save_kwargs: Any) -> None:
+    """Save ``img`` to ``path`` (format from the suffix) in one atomic rename."""
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ImageError(f"{path}: unknown image suffix {path.suffix!r}")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=fmt, **save_kwargs)
+
+
+def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_hash(path: str | Path) -> str:
+    """md5 of a file, or of a folder's sorted ``relpath md5`` listing (stable across machines)."""
+    path = Path(path)
+    if path.is_file():
+        return file_md5(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    digest = hashlib.md5()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()} {file_md5(file)}\n".encode())
+    return digest.hexdigest()

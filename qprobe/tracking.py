@@ -1,0 +1,127 @@
+"""MLflow: one run per stage, nested under the pipeline's run, with lineage to its datasets.
+
+The tracking URI comes from ``MLFLOW_TRACKING_URI``; by default it is ``sqlite:///mlflow.db`` in the
+repository root (MLflow 3 refuses a bare ``./mlruns`` file store), which
+``mlflow ui --backend-store-uri sqlite:///mlflow.db`` opens. When the Prefect pipeline runs a stage it
+puts its parent run id in ``QPROBE_PARENT_RUN_ID`` and the stage's run nests under it.
+
+Each stage run records: its params, the git commit, the stage name, its datasets as MLflow inputs
+whose digest is the content hash of the file or folder (the same md5 DVC tracks for a file), metrics
+and small artifacts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from qprobe.config import repo_root
+from qprobe.io import content_hash
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+DEFAULT_EXPERIMENT = "qprobe"
+PARENT_ENV = "QPROBE_PARENT_RUN_ID"
+MODEL_NAME = "qprobe"
+# Never sent to MLflow as params or tags, whatever a config holds.
+_SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(repo_root() / 'mlflow.db').resolve()}"
+
+
+def _configure() -> Any:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
+    return mlflow
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd or repo_root(), capture_output=True,
+                             text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _public(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if not any(m in k.lower() for m in _SECRET_MARKERS)}
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Mapping[str, Any] | None = None,
+              tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """Start the MLflow run of ``stage`` (nested under ``$QPROBE_PARENT_RUN_ID`` when set); yield it."""
+    mlflow = _configure()
+    parent = os.environ.get(PARENT_ENV) or None
+    all_tags = {"qprobe.stage": stage, **(tags or {})}
+    commit = git_commit()
+    if commit:
+        all_tags["mlflow.source.git.commit"] = commit
+    if mlflow.active_run() is not None and parent is None:
+        parent = mlflow.active_run().info.run_id
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=all_tags) as run:
+        if params:
+            mlflow.log_params({k: _param_value(v) for k, v in _public(params).items()})
+        yield run
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def log_dataset(path: str | Path, name: str, context: str, digest: str | None = None) -> str:
+    """Record ``path`` (file, folder or URI) as an input of the active run; returns the digest used.
+
+    ``context`` is MLflow's dataset context: ``source`` / ``input`` for what the stage read,
+    ``output`` for what it wrote (lineage: a later stage logs the same digest as its input).
+    """
+    mlflow = _configure_active()
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    uri = str(path)
+    if digest is None:
+        local = Path(uri)
+        digest = content_hash(local) if local.exists() else "unknown"
+        uri = str(local.resolve()) if local.exists() else uri
+    dataset = MetaDataset(source=resolve_dataset_source(uri), name=name, digest=digest[:36])
+    mlflow.log_input(dataset, context=context)
+    return digest
+
+
+def _configure_active() -> Any:
+    import mlflow
+
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_dataset needs an active MLflow run (use qprobe.tracking.stage_run)")
+    return mlflow
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    if Path(path).exists():
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    else:
+        log.warning("artifact %s not found; not logged", path)
