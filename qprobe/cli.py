@@ -39,12 +39,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train stage2": ("qprobe.train.stage2", "stage 2: SFT on hybrid-resolution tool-use trajectories"),
     "train stage3": ("qprobe.train.stage3", "stage 3: GRPO with multi-turn crop-tool rollouts, decoupled reward"),
     "evaluate": ("qprobe.eval.runner", "SRCC/PLCC, localisation, bias probes, cost and the HTML report"),
+    "profile": ("qprobe.profiles", "switch params.yaml to a profile in configs/ (e.g. paper)"),
     "services": ("qprobe.services", "start, stop or check the local MLflow / S3 / Prefect services"),
 }
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def _available() -> dict[str, tuple[str, str]]:
-    return {cmd: (mod, hlp) for cmd, (mod, hlp) in COMMANDS.items() if importlib.util.find_spec(mod) is not None}
+    """Commands whose module is installed (the training ones need the optional training extras)."""
+    return {cmd: (mod, hlp) for cmd, (mod, hlp) in COMMANDS.items() if _installed(mod)}
 
 
 def _usage() -> str:

@@ -33,15 +33,17 @@ MODEL_NAME = "qprobe"
 _SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential")
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(repo_root() / 'mlflow.db').resolve()}"
+def tracking_uri(root: str | Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///ROOT/mlflow.db`` (ROOT: the repository root)."""
+    default = (Path(root) if root else repo_root()) / "mlflow.db"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default.resolve()}"
 
 
-def _configure() -> Any:
+def _configure(root: str | Path | None = None) -> Any:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(tracking_uri(root))
     mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
     return mlflow
 
@@ -61,9 +63,12 @@ def _public(params: Mapping[str, Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any] | None = None,
-              tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """Start the MLflow run of ``stage`` (nested under ``$QPROBE_PARENT_RUN_ID`` when set); yield it."""
-    mlflow = _configure()
+              tags: Mapping[str, str] | None = None, root: str | Path | None = None) -> Iterator[Any]:
+    """Start the MLflow run of ``stage`` (nested under ``$QPROBE_PARENT_RUN_ID`` when set); yield it.
+
+    ``root`` picks the default store ``ROOT/mlflow.db`` when ``MLFLOW_TRACKING_URI`` is unset.
+    """
+    mlflow = _configure(root)
     parent = os.environ.get(PARENT_ENV) or None
     all_tags = {"qprobe.stage": stage, **(tags or {})}
     commit = git_commit()

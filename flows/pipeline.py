@@ -1,0 +1,143 @@
+"""The Q-Probe pipeline flow: every stage of ``dvc.yaml``, in order, under one MLflow parent run.
+
+Each stage runs as ``dvc repro --single-item STAGE`` (see :mod:`tasks.dvc_stage`), so a flow run and a
+plain ``dvc repro`` share one cache: run the flow twice and the second run does no stage work; after
+it ``dvc status`` is clean. The MLflow parent run carries the profile, the git commit, ``dvc.lock``
+and every stage's metrics, and each stage's own run nests under it (the parent's id reaches the stage
+through ``QPROBE_PARENT_RUN_ID``), so the MLflow UI compares whole pipeline runs side by side.
+
+Run it::
+
+    python -m flows.pipeline                      # all stages, embedded default profile
+    python -m flows.pipeline --stages bench       # a subset, in dvc.yaml order
+    python -m flows.pipeline --profile paper      # switch params.yaml to configs/paper.yaml first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from qprobe.config import repo_root
+from qprobe.profiles import apply_profile
+from qprobe.tracking import stage_run, tracking_uri
+from tasks.dvc_stage import StageResult, run_stage, stage_order
+
+
+def _metrics_of(root: Path, result: StageResult) -> dict[str, float]:
+    """Numeric metrics from the stage's DVC metrics files, flattened as ``stage.key``."""
+    metrics: dict[str, float] = {}
+    for out in result.lock.get("outs", []):
+        path = root / out.get("path", "")
+        if path.suffix == ".json" and path.parent.name == "metrics" and path.is_file():
+            for key, value in _flatten(json.loads(path.read_text())).items():
+                metrics[f"{result.stage}.{key}"] = value
+    return metrics
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+    elif isinstance(obj, int | float) and not isinstance(obj, bool):
+        flat[prefix.rstrip(".")] = float(obj)
+    return flat
+
+
+def _tag_stage_runs(parent_id: str, results: list[StageResult]) -> None:
+    """Put each stage's DVC hashes on its own MLflow run (lineage a stage cannot know while running)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for result in results:
+        if not result.ran:
+            continue
+        runs = mlflow.search_runs(
+            filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.`qprobe.stage` = '{result.stage}'",
+            output_format="list",
+        )
+        for run in runs:
+            for kind in ("deps", "outs"):
+                for entry in result.lock.get(kind, []):
+                    digest = entry.get("md5") or entry.get("etag")
+                    if digest:
+                        client.set_tag(run.info.run_id, f"dvc.{kind}.{entry['path']}", digest)
+
+
+def _summary_markdown(results: list[StageResult], metrics: dict[str, float], parent_id: str) -> str:
+    lines = [f"# Q-Probe pipeline run `{parent_id}`", "", "| stage | ran | seconds |", "|---|---|---|"]
+    lines += [f"| {r.stage} | {'yes' if r.ran else 'cached'} | {r.seconds:.1f} |" for r in results]
+    if metrics:
+        lines += ["", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+    return "\n".join(lines)
+
+
+@flow(name="qprobe-pipeline", log_prints=True)
+def pipeline(stages: list[str] | None = None, profile: str | None = None, force: bool = False,
+             root: str | None = None) -> dict[str, Any]:
+    """Run ``stages`` (default: all of dvc.yaml) in dvc.yaml order under one MLflow parent run."""
+    logger = get_run_logger()
+    root_path = Path(root) if root else repo_root()
+    # The stages and this parent run must write to the same store, whatever the working directory.
+    stage_env = {"MLFLOW_TRACKING_URI": tracking_uri(root_path)}
+    if profile:
+        changed = apply_profile(profile, root_path)
+        logger.info("profile %s applied to params.yaml (%d values changed)", profile, changed)
+    order = stage_order(root_path)
+    unknown = sorted(set(stages or []) - set(order))
+    if unknown:
+        raise ValueError(f"unknown stage {unknown[0]!r}; dvc.yaml has: {', '.join(order)}")
+    selected = [s for s in order if stages is None or s in stages]
+
+    import mlflow
+
+    results: list[StageResult] = []
+    with stage_run("pipeline", {"stages": ",".join(selected), "profile": profile or "params.yaml",
+                                "force": force},
+                   tags={"prefect.flow_run_id": str(flow_run.get_id() or "")}, root=root_path) as parent:
+        parent_id = parent.info.run_id
+        for stage in selected:
+            results.append(run_stage(stage, str(root_path), parent_id, stage_env, force=force))
+        metrics: dict[str, float] = {}
+        for result in results:
+            metrics.update(_metrics_of(root_path, result))
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags({f"stage.{r.stage}": "ran" if r.ran else "cached" for r in results})
+        if (root_path / "dvc.lock").is_file():
+            mlflow.log_artifact(str(root_path / "dvc.lock"))
+        _tag_stage_runs(parent_id, results)
+    create_markdown_artifact(_summary_markdown(results, metrics, parent_id), key="qprobe-pipeline-summary")
+    return {"run_id": parent_id, "stages": {r.stage: r.ran for r in results}, "metrics": metrics}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", nargs="+", help="stages to run (default: all, in dvc.yaml order)")
+    parser.add_argument("--profile", help="apply configs/PROFILE.yaml to params.yaml first (e.g. paper)")
+    parser.add_argument("--force", action="store_true", help="re-run stages even when DVC finds them up to date")
+    args = parser.parse_args(argv)
+    result = pipeline(stages=args.stages, profile=args.profile, force=args.force)
+    root = repo_root()
+    print()
+    print(f"Pipeline run {result['run_id']} finished: " +
+          ", ".join(f"{s} {'ran' if ran else 'cached'}" for s, ran in result["stages"].items()))
+    print(f"  outputs:  {root / 'data'}  {root / 'models'}  (DVC-tracked; `dvc status` is clean)")
+    print(f"  metrics:  {root / 'metrics'}  (`dvc metrics show`)")
+    uri = tracking_uri()
+    print(f"  MLflow:   .venv/bin/mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

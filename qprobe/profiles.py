@@ -1,0 +1,71 @@
+"""Profiles: ``configs/NAME.yaml`` merged over ``params.yaml`` (comments and order kept).
+
+``params.yaml`` is the embedded default that runs on a laptop CPU. A profile file holds only the
+values that differ (``configs/paper.yaml``: Qwen2.5-VL-7B, DeepSpeed ZeRO-3, 8 GPUs, paper-size
+data). Switching is one command, after which ``dvc params diff`` shows exactly what changed::
+
+    qprobe profile paper        # merge configs/paper.yaml into params.yaml
+    git checkout params.yaml    # back to the embedded default
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+
+from qprobe.config import ConfigError, repo_root
+
+
+def _merge(base: CommentedMap, overlay: dict[str, Any], where: str) -> int:
+    changed = 0
+    for key, value in overlay.items():
+        if isinstance(value, dict):
+            if key not in base or not isinstance(base[key], dict):
+                base[key] = CommentedMap()
+            changed += _merge(base[key], value, f"{where}.{key}")
+        elif base.get(key) != value:
+            base[key] = value
+            changed += 1
+    return changed
+
+
+def available_profiles(root: Path) -> list[str]:
+    return sorted(p.stem for p in (root / "configs").glob("*.yaml"))
+
+
+def apply_profile(name: str, root: str | Path | None = None) -> int:
+    """Merge ``configs/NAME.yaml`` into ``params.yaml``; returns how many values changed."""
+    root = Path(root) if root else repo_root()
+    profile = root / "configs" / f"{name}.yaml"
+    if not profile.is_file():
+        raise ConfigError(f"{profile}: no such profile (available: {', '.join(available_profiles(root)) or 'none'})")
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    params_path = root / "params.yaml"
+    params = yaml.load(params_path.read_text()) or CommentedMap()
+    overlay = yaml.load(profile.read_text()) or {}
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"{profile}: expected a mapping of sections")
+    changed = _merge(params, overlay, name)
+    tmp = params_path.with_suffix(".yaml.tmp")
+    with tmp.open("w") as fh:
+        yaml.dump(params, fh)
+    tmp.replace(params_path)
+    return changed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``qprobe profile NAME``: merge ``configs/NAME.yaml`` into ``params.yaml``."""
+    parser = argparse.ArgumentParser(prog="qprobe profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", help="profile name: a file configs/NAME.yaml")
+    args = parser.parse_args(argv)
+    changed = apply_profile(args.name)
+    print(f"params.yaml: {changed} values set from configs/{args.name}.yaml; `dvc params diff` shows them, "
+          "`git checkout params.yaml` restores the embedded default")
+    return 0

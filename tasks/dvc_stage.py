@@ -1,0 +1,106 @@
+"""Prefect task that runs one DVC stage, and the plain helpers it needs to read the stage graph.
+
+A Prefect run and a plain ``dvc repro`` execute the very same command, ``dvc repro --single-item
+STAGE``, in the same workspace, so they share one cache: after a flow run ``dvc status`` is clean and
+``dvc repro`` is a no-op. DVC holds a lock on the workspace, so stages run one after the other;
+parallelism belongs inside a stage.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import get_run_logger, task
+
+from qprobe.tracking import PARENT_ENV
+
+# Environment every stage runs with: no telemetry (these machines have no internet and some of
+# those calls hang), and the virtual environment's bin first so `qprobe` resolves without activation.
+OFFLINE_ENV = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class StageError(RuntimeError):
+    """A DVC stage that failed; carries the tail of its output."""
+
+
+@dataclass
+class StageResult:
+    stage: str
+    ran: bool
+    seconds: float
+    lock: dict[str, Any] = field(default_factory=dict)
+
+
+def stage_order(root: str | Path) -> list[str]:
+    """Stage names in ``dvc.yaml`` order (the file is written in dependency order)."""
+    path = Path(root) / "dvc.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no dvc.yaml (is this the repository root?)")
+    stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
+    return list(stages)
+
+
+def lock_entry(root: str | Path, stage: str) -> dict[str, Any]:
+    """The stage's entry in ``dvc.lock`` (deps, params and outs with their md5), or {} if absent."""
+    path = Path(root) / "dvc.lock"
+    if not path.is_file():
+        return {}
+    return ((yaml.safe_load(path.read_text()) or {}).get("stages") or {}).get(stage, {})
+
+
+def stage_env(parent_run_id: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **OFFLINE_ENV, **(extra or {})}
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    if parent_run_id:
+        env[PARENT_ENV] = parent_run_id
+    return env
+
+
+def dvc(args: list[str], root: str | Path, env: dict[str, str] | None = None,
+        timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the DVC that lives beside this interpreter (the project's pinned one)."""
+    exe = Path(sys.executable).parent / "dvc"
+    cmd = [str(exe) if exe.exists() else "dvc", *args]
+    return subprocess.run(cmd, cwd=root, env=env or stage_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def repro_stage(stage: str, root: str | Path, parent_run_id: str | None = None,
+                extra_env: dict[str, str] | None = None, force: bool = False) -> StageResult:
+    """``dvc repro --single-item STAGE``; ``ran`` is False when DVC found it up to date."""
+    args = ["repro", "--single-item", stage] + (["--force"] if force else [])
+    start = time.perf_counter()
+    proc = dvc(args, root, stage_env(parent_run_id, extra_env))
+    seconds = time.perf_counter() - start
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        tail = "\n".join(output.strip().splitlines()[-25:])
+        raise StageError(f"dvc repro of stage {stage!r} failed (exit {proc.returncode}):\n{tail}")
+    skipped = f"Stage '{stage}' didn't change, skipping" in output or "is cached - skipping" in output
+    ran = not skipped and f"Running stage '{stage}'" in output
+    return StageResult(stage=stage, ran=ran, seconds=seconds, lock=lock_entry(root, stage))
+
+
+@task(name="dvc-stage", task_run_name="dvc repro {stage}", retries=0)
+def run_stage(stage: str, root: str, parent_run_id: str | None = None,
+              extra_env: dict[str, str] | None = None, force: bool = False) -> StageResult:
+    """Prefect task: run one DVC stage (see :func:`repro_stage`) and log what DVC did."""
+    logger = get_run_logger()
+    result = repro_stage(stage, root, parent_run_id, extra_env, force)
+    logger.info("stage %s %s in %.1f s", stage, "ran" if result.ran else "was up to date", result.seconds)
+    return result

@@ -1,0 +1,101 @@
+"""Typed params: defaults from params.yaml, flags override, every mistake is one clear line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from qprobe.cli import main as cli_main
+from qprobe.config import ConfigError, from_dict, parse_config
+from qprobe.profiles import apply_profile
+
+
+@dataclass
+class Demo:
+    out: str = field(default="data/x", metadata={"help": "output folder"})
+    steps: int = field(default=3, metadata={"help": "steps"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate"})
+    lora: bool = field(default=False, metadata={"help": "use LoRA"})
+    types: list[str] = field(default_factory=lambda: ["blur"], metadata={"help": "types"})
+    limit: int | None = field(default=None, metadata={"help": "optional limit"})
+
+
+def _params(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_section_defaults_then_flags_override(tmp_path: Path) -> None:
+    params = _params(tmp_path, "demo:\n  steps: 7\n  lr: 2\n  types: [noise, jpeg]\n")
+    cfg = parse_config(Demo, "demo", ["--params", str(params), "--lr", "0.5", "--lora"])
+    assert cfg == Demo(steps=7, lr=0.5, lora=True, types=["noise", "jpeg"])
+    assert isinstance(cfg.lr, float)
+
+
+def test_flags_parse_lists_and_null(tmp_path: Path) -> None:
+    params = _params(tmp_path, "demo: {}\n")
+    cfg = parse_config(Demo, "demo", ["--params", str(params), "--types", "[a, b]", "--limit", "4"])
+    assert cfg.types == ["a", "b"] and cfg.limit == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("demo:\n  stepz: 1\n", "unknown key 'stepz'"),
+        ("demo:\n  steps: many\n", "demo.steps: expected an integer, got 'many'"),
+        ("demo:\n  lora: 1\n", "demo.lora: expected true or false"),
+        ("demo:\n  types: blur\n", "demo.types: expected a list"),
+        ("demo: [1, 2]\n", "section 'demo' must be a mapping"),
+        ("demo: {steps: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_params_name_file_and_field(tmp_path: Path, text: str, message: str) -> None:
+    params = _params(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        parse_config(Demo, "demo", ["--params", str(params)])
+    assert message in str(info.value)
+    assert str(params) in str(info.value)
+
+
+def test_bad_flag_names_the_flag(tmp_path: Path) -> None:
+    params = _params(tmp_path, "demo: {}\n")
+    with pytest.raises(ConfigError, match="--steps: expected an integer"):
+        parse_config(Demo, "demo", ["--params", str(params), "--steps", "1.5"])
+
+
+def test_explicit_missing_params_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="parameter file not found"):
+        parse_config(Demo, "demo", ["--params", str(tmp_path / "nope.yaml")])
+
+
+def test_from_dict_nested_where() -> None:
+    with pytest.raises(ConfigError, match=r"x\.lr: expected a number"):
+        from_dict(Demo, {"lr": "fast"}, "x")
+
+
+def test_profile_merges_and_keeps_comments(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "params.yaml").write_text("# top comment\nbench:\n  seed: 0  # why\n  out: data/bench\n")
+    (tmp_path / "configs" / "paper.yaml").write_text("bench:\n  seed: 0\n  min_size: 2000\nstage1:\n  lr: 1.0e-6\n")
+    assert apply_profile("paper", tmp_path) == 2
+    text = (tmp_path / "params.yaml").read_text()
+    assert "# top comment" in text and "# why" in text
+    assert "min_size: 2000" in text and "lr: 1.0e-6" in text
+    with pytest.raises(ConfigError, match="no such profile"):
+        apply_profile("nope", tmp_path)
+
+
+def test_cli_unknown_command_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["frobnicate"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+    assert cli_main(["--help"]) == 0
+    assert "profile" in capsys.readouterr().out
+
+
+def test_cli_config_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["profile", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qprobe profile: error:") and "\n" not in err

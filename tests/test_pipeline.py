@@ -1,0 +1,106 @@
+"""The pipeline for real: `dvc repro` in a copy of the repository, and the Prefect flow over it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from flows.pipeline import pipeline
+from tasks.dvc_stage import dvc, lock_entry, stage_order
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repository's tracked and untracked-not-ignored files in a fresh git repo, small params."""
+    root = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for rel in files:
+        src = REPO / rel
+        if src.is_file():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / rel)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["bench"].update({"num_images": 6, "workers": 1})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "-c", "user.email=ci@example.org", "-c", "user.name=ci", "commit", "-qm", "copy")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tracking(repo_copy: Path):
+    uri = f"sqlite:///{repo_copy / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def test_stage_order_follows_dvc_yaml(repo_copy: Path) -> None:
+    order = stage_order(repo_copy)
+    assert order[0] == "bench"
+    assert order == list(yaml.safe_load((repo_copy / "dvc.yaml").read_text())["stages"])
+
+
+def test_flow_runs_stages_then_is_a_no_op(repo_copy: Path, tracking: str, prefect_harness: None) -> None:
+    first = pipeline(stages=["bench"], root=str(repo_copy))
+    assert first["stages"] == {"bench": True}
+    assert (repo_copy / "data/bench/manifest.parquet").is_file()
+    assert lock_entry(repo_copy, "bench")["outs"][0]["path"] == "data/bench"
+
+    # One parent run, the stage's run nested under it with its DVC hashes as tags.
+    parent = mlflow.get_run(first["run_id"])
+    assert parent.data.tags["stage.bench"] == "ran"
+    assert any(m.startswith("bench.") for m in parent.data.metrics)
+    children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}'",
+                                  search_all_experiments=True, output_format="list")
+    assert [c.data.tags["qprobe.stage"] for c in children] == ["bench"]
+    assert children[0].data.tags["dvc.outs.data/bench"].endswith(".dir")
+
+    second = pipeline(stages=["bench"], root=str(repo_copy))
+    assert second["stages"] == {"bench": False}
+    assert not mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{second['run_id']}'",
+                                  search_all_experiments=True, output_format="list")
+
+    status = dvc(["status", "--json"], repo_copy)
+    assert status.returncode == 0 and status.stdout.strip() in ("{}", ""), status.stdout
+    plain = dvc(["repro"], repo_copy)
+    assert plain.returncode == 0
+    assert "Running stage" not in plain.stdout
+
+
+def test_params_change_reruns_stage(repo_copy: Path, tracking: str) -> None:
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["bench"]["seed"] = params["bench"].get("seed", 0) + 1
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = dvc(["status", "bench"], repo_copy)
+    assert "changed params" in status.stdout
+    repro = dvc(["repro", "--single-item", "bench"], repo_copy)
+    assert repro.returncode == 0, repro.stderr
+    assert "Running stage 'bench'" in repro.stdout
+
+
+def test_cli_entry_point_runs_flow_module(repo_copy: Path) -> None:
+    help_text = subprocess.run([sys.executable, "-m", "flows.pipeline", "--help"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout
+    assert "--stages" in help_text and "--profile" in help_text
