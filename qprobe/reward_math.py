@@ -1,0 +1,127 @@
+"""The numbers behind the rewards, free of any completion format (see :mod:`qprobe.rewards`).
+
+Thurstone fidelity reward (VisualQuality-R1, used by Q-Probe's stage 1). A batch holds B images,
+each with a *group* of K sampled scores ``s_i1..s_iK``. With ``mu_i`` the group mean and ``var_i``
+its unbiased variance (0 when K = 1), sample j of image i is compared with every other image z:
+
+    p_ijz = Phi((s_ij - mu_z) / sqrt(var_i + var_z + eps))       # P(image i looks better than z)
+    g_iz  = 1, 0 or 0.5 as MOS_i >, < or = MOS_z                  # hard ground truth
+          or Phi((MOS_i - MOS_z) / sqrt(std_i^2 + std_z^2 + eps)) # soft, DeQA-Score style
+    r_ijz = sqrt(p_ijz * g_iz + eps) + sqrt((1 - p_ijz) * (1 - g_iz) + eps)
+    r_ij  = mean over z != i of r_ijz
+
+r is the fidelity between the predicted and true preference (1 = perfect agreement, ~0 = opposite).
+A sample without a score (parse failure) gets 0 and is left out of its group's mean and variance;
+an image none of whose samples scored is left out as a comparison partner. A batch with a single
+scored image has nothing to rank against: every sample gets 0.
+
+Localisation (Q-Probe's R_loc): predicted boxes are matched one-to-one to true boxes by the
+Hungarian algorithm on IoU; the reward is the sum of matched IoUs divided by max(#predicted, #true),
+so missing a defect and inventing one both cost, and a single box against a single box is plain IoU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.stats import norm
+
+EPS = 1e-8
+Box = Sequence[float]
+
+
+def groups_of(ids: Sequence[object]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each run of equal consecutive ids: trl repeats a prompt K times in a row."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[start]:
+            spans.append((start, i))
+            start = i
+    return spans
+
+
+def thurstone(scores: Sequence[float | None], mos: Sequence[float], group_ids: Sequence[object],
+              mos_std: Sequence[float | None] | None = None, soft: bool = False,
+              eps: float = EPS) -> list[float]:
+    """Per-sample Thurstone fidelity rewards for a flat batch laid out as whole consecutive groups.
+
+    ``group_ids`` names the image of each sample; samples of one image must be consecutive and every
+    group must have the same size (GRPO's K), else ``ValueError``: a group split across devices would
+    silently bias mu and var.
+    """
+    n = len(scores)
+    if not (len(mos) == len(group_ids) == n):
+        raise ValueError(f"thurstone: {n} scores, {len(mos)} MOS values and {len(group_ids)} ids must match")
+    spans = groups_of(group_ids)
+    sizes = {stop - start for start, stop in spans}
+    if len(sizes) > 1:
+        raise ValueError(f"thurstone: groups of unequal size {sorted(sizes)}; the batch must hold whole groups "
+                         "(per-device batch a multiple of num_generations)")
+    if len({group_ids[start] for start, _ in spans}) != len(spans):
+        raise ValueError("thurstone: the samples of one image must be consecutive")
+
+    stats = []  # (mu, var, mos, std) per group with at least one score, else None
+    for start, stop in spans:
+        vals = np.array([s for s in scores[start:stop] if s is not None and math.isfinite(s)], dtype=float)
+        std = mos_std[start] if mos_std is not None else None
+        if vals.size == 0:
+            stats.append(None)
+            continue
+        var = float(vals.var(ddof=1)) if vals.size > 1 else 0.0
+        stats.append((float(vals.mean()), var, float(mos[start]), float(std or 0.0)))
+
+    rewards = [0.0] * n
+    for gi, (start, stop) in enumerate(spans):
+        if stats[gi] is None:
+            continue
+        _, var_i, mos_i, std_i = stats[gi]
+        partners = [stats[z] for z in range(len(spans)) if z != gi and stats[z] is not None]
+        if not partners:
+            continue
+        mu_z = np.array([p[0] for p in partners])
+        var_z = np.array([p[1] for p in partners])
+        mos_z = np.array([p[2] for p in partners])
+        if soft:
+            std_z = np.array([p[3] for p in partners])
+            g = norm.cdf((mos_i - mos_z) / np.sqrt(std_i**2 + std_z**2 + eps))
+        else:
+            g = np.where(mos_i > mos_z, 1.0, np.where(mos_i < mos_z, 0.0, 0.5))
+        for j in range(start, stop):
+            s = scores[j]
+            if s is None or not math.isfinite(s):
+                continue
+            p = norm.cdf((s - mu_z) / np.sqrt(var_i + var_z + eps))
+            r = np.sqrt(p * g + eps) + np.sqrt((1 - p) * (1 - g) + eps)
+            rewards[j] = float(r.mean())
+    return rewards
+
+
+def accuracy(score: float | None, mos: float, tau: float) -> float:
+    """exp(-|s - MOS| / tau); 0 without a score."""
+    if score is None or not math.isfinite(score):
+        return 0.0
+    return math.exp(-abs(score - mos) / tau)
+
+
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union of two ``[x1, y1, x2, y2]`` boxes (0 for empty boxes)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def matched_iou(pred: Sequence[Box], true: Sequence[Box]) -> float:
+    """Sum of Hungarian-matched IoUs over max(#pred, #true); 1.0 when both are empty."""
+    if not pred and not true:
+        return 1.0
+    if not pred or not true:
+        return 0.0
+    matrix = np.array([[iou(p, t) for t in true] for p in pred])
+    rows, cols = linear_sum_assignment(matrix, maximize=True)
+    return float(matrix[rows, cols].sum() / max(len(pred), len(true)))
