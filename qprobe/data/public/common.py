@@ -174,12 +174,8 @@ def _csv_rows(path: Path) -> list[tuple[int, list[Any]]]:
 
 
 def _xlsx_rows(path: Path, sheet: str | None) -> list[tuple[int, list[Any]]]:
-    try:
-        import openpyxl
-    except ImportError:
-        raise DatasetError(f"{path}: reading .xlsx needs openpyxl (pip install openpyxl); or export "
-                           f"the sheet{f' {sheet!r}' if sheet else ''} as CSV to "
-                           f"{path.with_suffix('.csv').name} beside it") from None
+    import openpyxl
+
     try:
         workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
     except Exception as exc:  # openpyxl raises zipfile, KeyError and its own errors for a bad file
