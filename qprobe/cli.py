@@ -80,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = argv[len(command.split()):]
     logging.basicConfig(level=os.environ.get("QPROBE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("great_expectations", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     module = importlib.import_module(available[command][0])
     try:
         return int(module.main(rest) or 0)

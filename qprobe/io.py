@@ -29,6 +29,9 @@ from qprobe.errors import QProbeError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8K x 8K; larger files are refused unless the caller raises it
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 # Our own check runs before decoding; Pillow's bomb guard would otherwise refuse files we allow.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -123,6 +126,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,15 @@ def _configure(root: str | Path | None = None) -> Any:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(root))
-    mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
+        # A sqlite store would put artifacts in ./mlruns of whatever folder a stage runs from.
+        artifacts = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # another process made it first
+            mlflow.create_experiment(name, artifact_location=artifacts.resolve().as_uri())
+    mlflow.set_experiment(name)
     return mlflow
 
 
@@ -102,7 +110,11 @@ def log_dataset(path: str | Path, name: str, context: str, digest: str | None = 
         local = Path(uri)
         digest = content_hash(local) if local.exists() else "unknown"
         uri = str(local.resolve()) if local.exists() else uri
-    dataset = MetaDataset(source=resolve_dataset_source(uri), name=name, digest=digest[:36])
+    with warnings.catch_warnings():
+        # A local path matches two equivalent artifact sources; MLflow warns and picks the first.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(uri)
+    dataset = MetaDataset(source=source, name=name, digest=digest[:36])
     mlflow.log_input(dataset, context=context)
     return digest
 

@@ -1,0 +1,522 @@
+"""Vista-Bench synthesis: local wavelet-domain defects in texture-rich regions, with boxes and MOS.
+
+For every source photo (:mod:`qprobe.data.sources`), ``qprobe bench``:
+
+1. loads it safely (EXIF, RGB, pixel limit) and skips it with a counted reason if it is too small,
+   too large or unreadable;
+2. computes its wavelet texture map once (:mod:`qprobe.bench.texture`);
+3. makes its variants. Each variant draws, from its own seed, 1-3 defect boxes in textured areas
+   (:mod:`qprobe.bench.regions`) with a type and a severity 1-5, injects each defect in the box's
+   neighbourhood only (:mod:`qprobe.bench.degradations`; pixels outside the boxes stay identical
+   to the photo), and scores the result with the MOS model (:mod:`qprobe.bench.mos`). A share of
+   the variants is left pristine.
+4. writes ``images/<id>.png`` and then ``records/<id>.json`` (both atomically): an image with its
+   record is finished, and a re-run of a killed stage skips it;
+5. once all photos are done, assigns splits by source photo, writes ``manifest.parquet``, validates
+   it (:mod:`qprobe.validation.bench`), draws ``contact_sheet.jpg`` and writes the metrics file.
+
+Determinism: every image's random generator is seeded from ``(seed, photo key, variant)``, so the
+output does not depend on the order photos are processed in, the number of workers, or which
+images a resumed run had already finished; the same inputs and seed give byte-identical files.
+Images are allocated round-robin over the photos (in an order shuffled by the seed), so
+``--num-images`` smaller than the number of photos samples them, and larger makes several
+variants of each. The allocation is fixed before any photo is read: a photo that turns out to be
+unusable is skipped with its images, and the metrics count it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import math
+import multiprocessing
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from qprobe.bench.contact_sheet import make_contact_sheet
+from qprobe.bench.degradations import DEGRADATIONS, inject
+from qprobe.bench.mos import DefectEvidence, mos
+from qprobe.bench.regions import place_regions
+from qprobe.bench.texture import TextureMap, texture_map
+from qprobe.config import parse_config, to_flat_dict
+from qprobe.data.manifest import MANIFEST_NAME, SPLITS, Defect, read_manifest, write_manifest
+from qprobe.data.sources import SKIP_REASONS, SkipPhoto, Source, SourceError, SourceItem, open_source
+from qprobe.io import DEFAULT_MAX_PIXELS, save_image_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+# Bumped whenever the synthesis algorithm changes the pixels it writes: records made by another
+# version are redone instead of resumed.
+SYNTHESIS_VERSION = 1
+IMAGES_DIR = "images"
+RECORDS_DIR = "records"
+CONTACT_SHEET = "contact_sheet.jpg"
+INVALID_MANIFEST = "manifest.invalid.parquet"
+# The fields that change the images or records; anything else (paths, workers, limits) does not.
+_FINGERPRINT_FIELDS = ("seed", "defects_per_image", "region_size", "max_overlap", "top_fraction", "types",
+                       "feather", "format", "texture_size", "texture_levels")
+
+
+@dataclass
+class BenchConfig:
+    """Parameters of ``qprobe bench`` (the ``bench:`` section of ``params.yaml``)."""
+
+    source: str = field(default="skimage", metadata={
+        "help": "photos to degrade: a folder, s3://bucket/prefix, 'skimage' (bundled photos) or hf:NAME[:split]"})
+    out: str = field(default="data/bench", metadata={"help": "output folder (manifest, images, contact sheet)"})
+    metrics: str = field(default="metrics/bench.json", metadata={"help": "metrics file written at the end"})
+    num_images: int | None = field(default=49, metadata={
+        "help": "images to write, round-robin over the photos (a skipped photo's share is not made up); "
+                "null: one per photo"})
+    seed: int = field(default=0, metadata={"help": "seed of every random choice (defects, splits, pristine share)"})
+    workers: int = field(default=1, metadata={"help": "worker processes (1: no pool)"})
+    min_size: int = field(default=256, metadata={"help": "skip photos whose longer side is below this (pixels)"})
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
+        "help": "skip photos with more pixels than this (decompression bombs, giant scans)"})
+    pristine_fraction: float = field(default=0.15, metadata={"help": "share of images left without defects"})
+    defects_per_image: list[int] = field(default_factory=lambda: [1, 3], metadata={
+        "help": "[min, max] defect boxes per degraded image"})
+    region_size: list[float] = field(default_factory=lambda: [0.08, 0.2], metadata={
+        "help": "[min, max] box side as a fraction of the photo's shorter side"})
+    max_overlap: float = field(default=0.1, metadata={
+        "help": "largest share of the smaller box two defect boxes may share"})
+    top_fraction: float = field(default=0.2, metadata={
+        "help": "boxes are drawn from this top share of placements ranked by texture"})
+    types: list[str] = field(default_factory=lambda: list(DEGRADATIONS), metadata={
+        "help": f"defect types to use (known: {', '.join(DEGRADATIONS)})"})
+    feather: float = field(default=0.3, metadata={
+        "help": "share of a box's half-size over which the defect fades in (0: hard edge)"})
+    splits: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15}, metadata={
+        "help": "fractions of source photos per split"})
+    format: Literal["png", "webp"] = field(default="png", metadata={"help": "lossless image format: png or webp"})
+    texture_size: int = field(default=512, metadata={
+        "help": "longer side of the downscaled luminance the texture map is computed on"})
+    texture_levels: int = field(default=3, metadata={"help": "wavelet levels of the texture map"})
+    image_column: str = field(default="", metadata={"help": "hf sources: the image column (default: the first)"})
+    contact_sheet_size: int = field(default=48, metadata={"help": "thumbnails on the contact sheet (0: none)"})
+
+    def __post_init__(self) -> None:
+        if self.num_images is not None and self.num_images < 1:
+            raise ValueError(f"num_images must be at least 1 or null, got {self.num_images}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.min_size < 0 or self.max_pixels < 1:
+            raise ValueError("min_size must be >= 0 and max_pixels >= 1")
+        if not 0.0 <= self.pristine_fraction <= 1.0:
+            raise ValueError(f"pristine_fraction must be in [0, 1], got {self.pristine_fraction}")
+        lo, hi = _pair(self.defects_per_image, "defects_per_image")
+        if not 1 <= lo <= hi:
+            raise ValueError(f"defects_per_image must be [min, max] with 1 <= min <= max, got {self.defects_per_image}")
+        lo, hi = _pair(self.region_size, "region_size")
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"region_size must be [min, max] with 0 < min <= max <= 1, got {self.region_size}")
+        if not 0.0 <= self.max_overlap <= 1.0 or not 0.0 < self.top_fraction <= 1.0:
+            raise ValueError("max_overlap must be in [0, 1] and top_fraction in (0, 1]")
+        unknown = sorted(set(self.types) - set(DEGRADATIONS))
+        if not self.types or unknown:
+            raise ValueError(f"types must be a non-empty list from {', '.join(DEGRADATIONS)}; unknown: {unknown}")
+        if not 0.0 <= self.feather <= 1.0:
+            raise ValueError(f"feather must be in [0, 1], got {self.feather}")
+        if set(self.splits) - set(SPLITS) or any(v < 0 for v in self.splits.values()) \
+                or not math.isclose(sum(self.splits.values()), 1.0, abs_tol=1e-6):
+            raise ValueError(f"splits must map {'/'.join(SPLITS)} to fractions >= 0 summing to 1, got {self.splits}")
+        if self.texture_size < 32 or not 1 <= self.texture_levels <= 6:
+            raise ValueError("texture_size must be >= 32 and texture_levels in 1..6")
+        if self.contact_sheet_size < 0:
+            raise ValueError(f"contact_sheet_size must be >= 0, got {self.contact_sheet_size}")
+
+    def fingerprint(self) -> str:
+        fields = {name: getattr(self, name) for name in _FINGERPRINT_FIELDS}
+        text = json.dumps({"version": SYNTHESIS_VERSION, **fields}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _pair(values: list, name: str) -> tuple:
+    if len(values) != 2:
+        raise ValueError(f"{name} must be a list of two values [min, max], got {values}")
+    return values[0], values[1]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make: a variant of a photo, pristine or not."""
+
+    image_id: str
+    variant: int
+    pristine: bool
+
+
+@dataclass(frozen=True)
+class Task:
+    """The pending images of one photo; a worker loads the photo once for all of them."""
+
+    item: SourceItem
+    jobs: tuple[Job, ...]
+
+
+@dataclass
+class TaskResult:
+    key: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+    skip_reason: str | None = None
+    skip_message: str = ""
+
+
+@dataclass
+class BenchResult:
+    manifest: Path
+    records: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    source_digest: str
+    contact_sheet: Path | None
+
+
+def _hash_int(*parts: object) -> int:
+    digest = hashlib.sha256("\0".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:16], "big")
+
+
+def image_rng(seed: int, key: str, variant: int) -> np.random.Generator:
+    """The generator of one image: a function of the seed, the photo's key and the variant only."""
+    return np.random.default_rng([seed, _hash_int("image", key, variant)])
+
+
+def image_id(key: str, variant: int) -> str:
+    """A stable, filename-safe id: the photo's name, a hash of its key (two folders may share names), the variant."""
+    stem = re.sub(r"[^a-z0-9]+", "-", Path(key).stem.lower()).strip("-")[:40] or "photo"
+    return f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}-{variant:02d}"
+
+
+def plan_jobs(items: list[SourceItem], num_images: int | None, pristine_fraction: float,
+              seed: int) -> list[tuple[SourceItem, list[Job]]]:
+    """Allocate images round-robin over the photos (seed-shuffled) and choose the pristine ones.
+
+    Pristine images go to distinct photos first (a second pristine copy of a photo would be a
+    duplicate image), on a second round only when there are more pristine images than photos.
+    """
+    order = sorted(items, key=lambda it: _hash_int("order", seed, it.key))
+    total = num_images if num_images is not None else len(order)
+    slots = [(i, v) for v in range(math.ceil(total / len(order))) for i in range(len(order))][:total]
+    pristine = set(slots[: round(pristine_fraction * total)])
+    jobs: dict[int, list[Job]] = {}
+    for i, v in slots:
+        jobs.setdefault(i, []).append(Job(image_id(order[i].key, v), v, (i, v) in pristine))
+    return [(order[i], jobs[i]) for i in sorted(jobs)]
+
+
+def assign_splits(keys: list[str], fractions: dict[str, float], seed: int) -> dict[str, str]:
+    """Split photo keys by the fractions: a seed-shuffled order cut by largest-remainder counts.
+
+    Every split with a positive fraction gets at least one photo when there are enough photos, so
+    the 7 bundled photos still give a non-empty val and test split.
+    """
+    names = [s for s in SPLITS if fractions.get(s, 0) > 0]
+    n = len(keys)
+    exact = {s: fractions[s] * n for s in names}
+    counts = {s: int(exact[s]) for s in names}
+    for s in sorted(names, key=lambda s: counts[s] - exact[s])[: n - sum(counts.values())]:
+        counts[s] += 1
+    if n >= len(names):
+        for s in names:
+            while counts[s] == 0:
+                donor = max(names, key=lambda d: counts[d])
+                counts[donor] -= 1
+                counts[s] += 1
+    ordered = sorted(keys, key=lambda k: _hash_int("split", seed, k))
+    result: dict[str, str] = {}
+    start = 0
+    for s in names:
+        for key in ordered[start: start + counts[s]]:
+            result[key] = s
+        start += counts[s]
+    return result
+
+
+def synthesize_image(pixels: np.ndarray, texture: TextureMap, rng: np.random.Generator,
+                     cfg: BenchConfig) -> tuple[np.ndarray, list[Defect], list[DefectEvidence]]:
+    """Draw boxes, types and severities from ``rng`` and inject them into a copy of ``pixels``."""
+    height, width = pixels.shape[:2]
+    count = int(rng.integers(cfg.defects_per_image[0], cfg.defects_per_image[1] + 1))
+    boxes = place_regions(texture, count, rng, size_range=(cfg.region_size[0], cfg.region_size[1]),
+                          max_overlap=cfg.max_overlap, top_fraction=cfg.top_fraction)
+    image = pixels.copy()
+    defects, evidence = [], []
+    for box in boxes:
+        kind = cfg.types[int(rng.integers(len(cfg.types)))]
+        severity = int(rng.integers(1, 6))
+        inject(image, kind, severity, box, rng, feather=cfg.feather)
+        defects.append(Defect(kind, severity, box))
+        area = (box[2] - box[0]) * (box[3] - box[1]) / (width * height)
+        evidence.append(DefectEvidence(DEGRADATIONS[kind].visibility, severity, area, texture.box_mean(box)))
+    return image, defects, evidence
+
+
+def _paths(out: Path, job_id: str, fmt: str) -> tuple[Path, Path]:
+    return out / IMAGES_DIR / f"{job_id}.{fmt}", out / RECORDS_DIR / f"{job_id}.json"
+
+
+def _save(pixels: np.ndarray, path: Path, fmt: str) -> None:
+    image = Image.fromarray(pixels)
+    if fmt == "png":
+        # zlib level 1: a third of the encode time of the default level 6, files ~3% larger.
+        save_image_atomic(image, path, compress_level=1)
+    else:
+        save_image_atomic(image, path, lossless=True, quality=50, method=2, exact=True)
+
+
+def run_task(task: Task, cfg: BenchConfig) -> TaskResult:
+    """Load one photo and make its pending images (runs in a worker process when ``workers > 1``)."""
+    out = Path(cfg.out)
+    result = TaskResult(key=task.item.key)
+    try:
+        photo = task.item.load(cfg.min_size, cfg.max_pixels)
+    except SkipPhoto as skip:
+        result.skip_reason, result.skip_message = skip.reason, str(skip)
+        return result
+    texture = texture_map(photo.pixels, cfg.texture_size, cfg.texture_levels)
+    height, width = photo.pixels.shape[:2]
+    for job in task.jobs:
+        if job.pristine:
+            pixels, defects, evidence = photo.pixels, [], []
+        else:
+            rng = image_rng(cfg.seed, task.item.key, job.variant)
+            pixels, defects, evidence = synthesize_image(photo.pixels, texture, rng, cfg)
+        score, std = mos(evidence)
+        image_path, record_path = _paths(out, job.image_id, cfg.format)
+        record = {
+            "id": job.image_id,
+            "image": f"{IMAGES_DIR}/{image_path.name}",
+            "source": task.item.uri,
+            "width": width,
+            "height": height,
+            "has_defect": bool(defects),
+            "defects": [d.to_dict() for d in defects],
+            "mos": round(score, 4),
+            "mos_std": round(std, 4),
+            "key": task.item.key,
+            "variant": job.variant,
+            "pristine": job.pristine,
+            "texture": [round(e.texture, 4) for e in evidence],
+            "source_md5": photo.md5,
+            "fingerprint": cfg.fingerprint(),
+        }
+        # Image first, record second: a record on disk means its image is complete.
+        _save(pixels, image_path, cfg.format)
+        write_json_atomic(record_path, record)
+        result.records.append(record)
+    return result
+
+
+def _finished(out: Path, job: Job, cfg: BenchConfig) -> dict[str, Any] | None:
+    """The record of ``job`` if a previous run finished it with the same parameters, else None."""
+    image_path, record_path = _paths(out, job.image_id, cfg.format)
+    if not (record_path.is_file() and image_path.is_file()):
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("fingerprint") != cfg.fingerprint() or record.get("pristine") != job.pristine:
+        return None
+    return record
+
+
+def _run_tasks(tasks: list[Task], cfg: BenchConfig, bar: tqdm) -> Iterator[TaskResult]:
+    if cfg.workers == 1 or len(tasks) == 1:
+        for task in tasks:
+            yield run_task(task, cfg)
+            bar.update(len(task.jobs))
+        return
+    # spawn, not fork: the parent may hold MLflow/boto3 state and threads that must not be forked.
+    pool = ProcessPoolExecutor(max_workers=min(cfg.workers, len(tasks)),
+                               mp_context=multiprocessing.get_context("spawn"))
+    try:
+        # A bounded window of submitted tasks keeps memory flat on a source of thousands of photos.
+        queue = iter(tasks)
+        running: dict[Future, Task] = {}
+        while True:
+            while len(running) < 2 * cfg.workers and (task := next(queue, None)) is not None:
+                running[pool.submit(run_task, task, cfg)] = task
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: running[f].item.key):
+                task = running.pop(future)
+                yield future.result()
+                bar.update(len(task.jobs))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _remove_stale(out: Path, records: list[dict[str, Any]]) -> int:
+    """Delete files in images/ and records/ that no record names (earlier plans, killed writes); returns how many."""
+    keep = {r["image"] for r in records} | {f"{RECORDS_DIR}/{r['id']}.json" for r in records}
+    removed = 0
+    for folder in (IMAGES_DIR, RECORDS_DIR):
+        if not (out / folder).is_dir():
+            continue
+        for path in (out / folder).iterdir():
+            if path.is_file() and f"{folder}/{path.name}" not in keep:
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def _metrics(records: list[dict[str, Any]], skipped: Counter, new: int, listed: int,
+             seconds: float) -> dict[str, Any]:
+    defects = [d for r in records for d in r["defects"]]
+    scores = np.array([r["mos"] for r in records], dtype=np.float64)
+    return {
+        "images": len(records),
+        "images_new": new,
+        "images_resumed": len(records) - new,
+        "pristine": sum(not r["has_defect"] for r in records),
+        "with_defects": sum(bool(r["has_defect"]) for r in records),
+        "defects": len(defects),
+        "sources_listed": listed,
+        "sources_used": len({r["key"] for r in records}),
+        "skipped": {"total": sum(skipped.values()), **{reason: skipped.get(reason, 0) for reason in SKIP_REASONS}},
+        "defects_by_type": {t: sum(d["type"] == t for d in defects) for t in DEGRADATIONS},
+        "defects_by_severity": {str(s): sum(d["severity"] == s for d in defects) for s in range(1, 6)},
+        "splits": {s: sum(r["split"] == s for r in records) for s in SPLITS},
+        "mos": {"mean": round(float(scores.mean()), 4), "std": round(float(scores.std()), 4),
+                "min": round(float(scores.min()), 4), "max": round(float(scores.max()), 4)},
+        "seconds": round(seconds, 2),
+    }
+
+
+def _write_validated_manifest(records: list[dict[str, Any]], out: Path) -> Path:
+    """Write the manifest beside its final name, validate it, then rename it into place.
+
+    A manifest that fails is kept as ``manifest.invalid.parquet`` for inspection, and any older
+    ``manifest.parquet`` is removed, so nothing downstream mistakes it for a good one.
+    """
+    # GX takes seconds to import; only the parent process, once, needs it.
+    from qprobe.validation.bench import validate_bench_manifest
+    from qprobe.validation.core import ValidationError
+
+    final, invalid = out / MANIFEST_NAME, out / INVALID_MANIFEST
+    candidate = write_manifest(records, out / "manifest.candidate.parquet")
+    try:
+        validate_bench_manifest(read_manifest(candidate), out, DEGRADATIONS, name=str(final))
+    except ValidationError:
+        os.replace(candidate, invalid)
+        final.unlink(missing_ok=True)
+        raise
+    os.replace(candidate, final)
+    invalid.unlink(missing_ok=True)
+    return final
+
+
+def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = True) -> BenchResult:
+    """Make the bench described by ``cfg`` (see the module docstring); returns what it wrote.
+
+    Raises :class:`~qprobe.data.sources.SourceError` for a missing or empty source (before writing
+    anything) and :class:`~qprobe.validation.core.ValidationError` for a manifest that fails its suite.
+    """
+    start = time.perf_counter()
+    source = source or open_source(cfg.source, cfg.image_column)
+    out = Path(cfg.out)
+    plan = plan_jobs(source.items, cfg.num_images, cfg.pristine_fraction, cfg.seed)
+    finished: dict[str, dict[str, Any]] = {}
+    tasks: list[Task] = []
+    for item, jobs in plan:
+        pending = []
+        for job in jobs:
+            record = _finished(out, job, cfg)
+            if record is None:
+                pending.append(job)
+            else:
+                finished[job.image_id] = record
+        if pending:
+            tasks.append(Task(item, tuple(pending)))
+    total = sum(len(jobs) for _, jobs in plan)
+    if finished:
+        log.info("resuming: %d of %d images already done in %s", len(finished), total, out)
+
+    skipped: Counter = Counter()
+    new = 0
+    with logging_redirect_tqdm(), tqdm(total=total, initial=len(finished), unit="img", desc="bench",
+                                       disable=not progress, dynamic_ncols=True) as bar:
+        for result in _run_tasks(tasks, cfg, bar):
+            if result.skip_reason:
+                skipped[result.skip_reason] += 1
+                log.warning("skipped (%s): %s", result.skip_reason, result.skip_message)
+            for record in result.records:
+                finished[record["id"]] = record
+                new += 1
+
+    records = sorted(finished.values(), key=lambda r: r["id"])
+    if not records:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+        raise SourceError(f"{source.spec}: no usable photos among {len(source.items)} ({reasons})")
+    splits = assign_splits(sorted({r["key"] for r in records}), cfg.splits, cfg.seed)
+    for record in records:
+        record["split"] = splits[record["key"]]
+
+    removed = _remove_stale(out, records)
+    if removed:
+        log.info("removed %d files of images no longer in the plan", removed)
+    manifest = _write_validated_manifest(records, out)
+    sheet = make_contact_sheet(records, out, out / CONTACT_SHEET, cfg.contact_sheet_size)
+    metrics = _metrics(records, skipped, new, len(source.items), time.perf_counter() - start)
+    write_json_atomic(cfg.metrics, metrics)
+    listing = "".join(f"{k} {m}\n" for k, m in sorted({(r["key"], r["source_md5"]) for r in records}))
+    log.info("bench: %d images (%d new, %d skipped photos) in %s, %.1f s", len(records), new,
+             sum(skipped.values()), out, metrics["seconds"])
+    return BenchResult(manifest=manifest, records=records, metrics=metrics,
+                       source_digest=hashlib.md5(listing.encode()).hexdigest(), contact_sheet=sheet)
+
+
+def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Synthesise Vista-Bench and record the run in MLflow.
+
+    With no options it runs the ``bench:`` section of ``params.yaml`` (what ``dvc repro bench`` runs)::
+
+        qprobe bench
+        qprobe bench --source ../shared/photos --out data/bench --num-images 200 --seed 1 --workers 2
+        qprobe bench --source s3://photos/raw --min-size 2000 --workers 8
+
+    Writes ``OUT/manifest.parquet``, ``OUT/images/*.png``, ``OUT/records/*.json`` (resume state),
+    ``OUT/contact_sheet.jpg`` and the metrics file.
+    """
+    from qprobe.tracking import log_artifact, log_dataset, log_metrics, stage_run
+
+    cfg = parse_config(BenchConfig, "bench", argv, prog="qprobe bench", description=inspect.cleandoc(main.__doc__ or ""))
+    # List the source before the MLflow run starts: a missing or empty source writes nothing at all.
+    source = open_source(cfg.source, cfg.image_column)
+    with stage_run("bench", to_flat_dict(cfg)):
+        result = synthesize(cfg, source)
+        log_dataset(source.lineage_uri, name=f"bench-source:{cfg.source}", context="source",
+                    digest=result.source_digest)
+        log_dataset(cfg.out, name="vista-bench", context="output")
+        log_metrics(_flatten(result.metrics))
+        if result.contact_sheet is not None:
+            log_artifact(result.contact_sheet)
+        log_artifact(cfg.metrics)
+    return 0
+

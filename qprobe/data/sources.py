@@ -1,0 +1,230 @@
+"""Photo sources for the bench: a local folder, S3, scikit-image's bundled photos, a cached HF dataset.
+
+A source is named by one string (``--source``):
+
+=====================  ==========================================================================
+``path/to/folder``     every image below it, recursively (jpg, jpeg, png, webp, tif, tiff)
+``s3://bucket/prefix`` every image object under the prefix (boto3, :mod:`qprobe.storage`)
+``skimage``            scikit-image's bundled colour photos (astronaut, coffee, ... up to 1411 px)
+``hf:NAME[:split]``    an image column of a Hugging Face dataset already in the local cache (or
+                       a local dataset folder); read offline, ``split`` defaults to ``train``
+=====================  ==========================================================================
+
+:func:`open_source` lists the source without reading any photo: it yields :class:`SourceItem`
+entries, each holding a stable ``key`` (the photo's path inside the source: ids, seeds and splits
+derive from it, so they do not change when the folder moves), the ``uri`` recorded in the manifest,
+and a picklable loader, so that a process pool can load photos in its workers and a folder of
+thousands of photos is never held in memory at once.
+
+:meth:`SourceItem.load` reads the photo through :mod:`qprobe.io` (EXIF orientation, RGB, pixel
+limit, corrupt files) and checks its size from the header before decoding. A photo that cannot be
+used raises :class:`SkipPhoto` with a reason code (``too_small``, ``too_large``, ``unreadable``)
+and a one-line message; the caller logs and counts it and goes on.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from qprobe import storage
+from qprobe.errors import QProbeError
+from qprobe.io import ImageError, load_image_bytes
+
+SOURCE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff"})
+SKIP_REASONS = ("too_small", "too_large", "unreadable")
+
+# scikit-image's colour photographs (the motorcycle is the left view of its stereo pair; the right
+# view is nearly the same picture and would leak across splits).
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "motorcycle", "retina", "rocket")
+
+
+class SourceError(QProbeError, ValueError):
+    """A source that does not exist, cannot be listed or holds no images."""
+
+
+class SkipPhoto(Exception):
+    """One photo the bench cannot use; ``reason`` is one of :data:`SKIP_REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A decoded photo: uint8 RGB pixels and the md5 of the bytes it was read from."""
+
+    pixels: np.ndarray
+    md5: str
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    key: str
+    uri: str
+    loader: Callable[[], tuple[bytes, str]] = field(repr=False)
+
+    def load(self, min_size: int = 0, max_pixels: int = 64_000_000) -> Photo:
+        """Decode the photo; raise :class:`SkipPhoto` when it is unreadable or out of the size limits."""
+        try:
+            data, name = self.loader()
+        except (OSError, QProbeError) as exc:
+            raise SkipPhoto("unreadable", f"{self.uri}: {exc}") from exc
+        return decode(data, name, min_size, max_pixels)
+
+
+@dataclass(frozen=True)
+class Source:
+    spec: str
+    items: list[SourceItem]
+    lineage_uri: str  # what MLflow records as the dataset's source (a path or an s3:// URI)
+
+
+def decode(data: bytes, name: str, min_size: int, max_pixels: int) -> Photo:
+    """Check the header's size against the limits, then decode with :func:`qprobe.io.load_image_bytes`."""
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+    except Exception:
+        # Whatever the header problem, the full loader below reports it in its own words.
+        width = height = None
+    if width is not None and height is not None:
+        if width * height > max_pixels:
+            raise SkipPhoto("too_large", f"{name}: {width}x{height} is over the pixel limit ({max_pixels})")
+        if max(width, height) < min_size:
+            raise SkipPhoto("too_small", f"{name}: {width}x{height} is below the minimum size ({min_size} px)")
+    try:
+        image = load_image_bytes(data, name, max_pixels=max_pixels)
+    except ImageError as exc:
+        raise SkipPhoto("unreadable", str(exc)) from exc
+    return Photo(pixels=np.asarray(image), md5=hashlib.md5(data).hexdigest())
+
+
+def _read_file(path: str) -> tuple[bytes, str]:
+    return Path(path).read_bytes(), path
+
+
+def _read_s3(uri: str) -> tuple[bytes, str]:
+    return storage.download_bytes(uri), uri
+
+
+def _read_skimage(name: str) -> tuple[bytes, str]:
+    from skimage import data
+
+    pixels = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    # Lossless PNG bytes, so the photo goes through the same checks and hash as any other source.
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue(), f"skimage:{name}"
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_dataset(name: str, split: str, column: str) -> tuple[Any, str]:
+    # Offline before the hub client is first imported: a cache miss must fail at once, not retry a
+    # network these machines do not have.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # datasets raises many types for "not available offline"
+        raise SourceError(
+            f"hf:{name}:{split}: cannot load from the local Hugging Face cache (offline): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
+    if column and column not in dataset.column_names:
+        raise SourceError(f"hf:{name}:{split}: no column {column!r} (columns: {', '.join(dataset.column_names)})")
+    if not column:
+        column = next((c for c, f in dataset.features.items() if isinstance(f, datasets.Image)), "")
+        if not column:
+            raise SourceError(f"hf:{name}:{split}: no image column (columns: {', '.join(dataset.column_names)})")
+    # Raw bytes, not PIL images: every photo goes through qprobe.io's checks.
+    return dataset.cast_column(column, datasets.Image(decode=False)), column
+
+
+def _read_hf(name: str, split: str, column: str, index: int) -> tuple[bytes, str]:
+    dataset, column = _hf_dataset(name, split, column)
+    cell = dataset[index][column]
+    label = f"hf:{name}:{split}/{index}"
+    if cell is None:
+        return b"", label
+    if cell.get("bytes"):
+        return cell["bytes"], label
+    return Path(cell["path"]).read_bytes(), label
+
+
+def _folder(spec: str) -> Source:
+    root = Path(spec)
+    if not root.exists():
+        raise SourceError(f"{spec}: source folder not found")
+    if not root.is_dir():
+        raise SourceError(f"{spec}: source is a file, not a folder of photos")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SOURCE_EXTENSIONS
+                   and not p.name.startswith("."))
+    items = []
+    for path in paths:
+        rel = path.relative_to(root).as_posix()
+        uri = (root / rel).as_posix()
+        items.append(SourceItem(key=rel, uri=uri, loader=functools.partial(_read_file, str(path))))
+    return Source(spec=spec, items=items, lineage_uri=str(root.resolve()))
+
+
+def _s3(spec: str) -> Source:
+    bucket, prefix = storage.parse_s3_uri(spec)
+    try:
+        objects = list(storage.list_objects(spec, SOURCE_EXTENSIONS))
+    except storage.StorageError as exc:
+        raise SourceError(str(exc)) from exc
+    base = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+    items = []
+    for obj in objects:
+        uri = obj.uri(bucket)
+        key = obj.key[len(base):] if obj.key.startswith(base) else obj.key
+        items.append(SourceItem(key=key, uri=uri, loader=functools.partial(_read_s3, uri)))
+    return Source(spec=spec, items=items, lineage_uri=spec)
+
+
+def _skimage(spec: str) -> Source:
+    import skimage.data
+
+    items = [SourceItem(key=f"{name}.png", uri=f"skimage:{name}", loader=functools.partial(_read_skimage, name))
+             for name in SKIMAGE_PHOTOS]
+    return Source(spec=spec, items=items, lineage_uri=str(Path(skimage.data.__file__).parent))
+
+
+def _hf(spec: str, column: str) -> Source:
+    name, _, split = spec[len("hf:"):].partition(":")
+    if not name:
+        raise SourceError(f"{spec}: expected hf:NAME[:split]")
+    split = split or "train"
+    dataset, column = _hf_dataset(name, split, column)
+    items = [SourceItem(key=f"{split}/{i:08d}", uri=f"hf:{name}:{split}/{i}",
+                        loader=functools.partial(_read_hf, name, split, column, i))
+             for i in range(len(dataset))]
+    cache = dataset.cache_files[0]["filename"] if dataset.cache_files else name
+    return Source(spec=spec, items=items, lineage_uri=str(Path(cache).parent))
+
+
+def open_source(spec: str, image_column: str = "") -> Source:
+    """List the photos of ``spec`` (see the module docstring); raise :class:`SourceError` if there are none."""
+    if spec == "skimage":
+        source = _skimage(spec)
+    elif spec.startswith("hf:"):
+        source = _hf(spec, image_column)
+    elif storage.is_s3_uri(spec):
+        source = _s3(spec)
+    else:
+        source = _folder(spec)
+    if not source.items:
+        raise SourceError(f"{spec}: no images found (looked for {', '.join(sorted(SOURCE_EXTENSIONS))})")
+    return source

@@ -1,0 +1,247 @@
+"""``qprobe model init-tiny``: a real Qwen2.5-VL with random weights, built offline in seconds.
+
+No weights can be downloaded on the machines this pipeline is developed and tested on, so the
+embedded default profile starts every stage from this model. It is the genuine
+``Qwen2_5_VLForConditionalGeneration`` architecture (vision tower with window attention and the
+patch merger, M-RoPE text decoder), only small: text hidden 128 in 2 layers (4 heads of 32, so
+``mrope_section`` sums to 16 = head_dim / 2), vision hidden 64 in 2 blocks, tied embeddings; about
+0.65M parameters, a forward+backward well under a second on a laptop CPU.
+
+Its tokenizer is a byte-level BPE trained with ``tokenizers`` on the protocol's own text (system
+prompt, user prompts, tool turns, rendered tool calls and answers with their tags, JSON keys, digits
+and defect names, all through the chat template), so protocol text costs few tokens and the tiny
+model can learn the format in a few dozen SFT steps. It is wrapped in ``Qwen2Tokenizer`` (Qwen's
+pre-tokenizer: digits split one by one) with Qwen2.5-VL's special tokens at the usual names.
+
+Everything is saved with ``save_pretrained`` (model, tokenizer, image processor, chat template)
+and loads through :func:`qprobe.models.factory.load_model`, like a real checkpoint. The same seed
+gives byte-identical files. The folder is written beside its destination and renamed into place, so
+a killed run never leaves half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qprobe.config import parse_config
+
+log = logging.getLogger(__name__)
+
+# Qwen2.5-VL's special tokens, by their real names (ids differ: this vocabulary is tiny).
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+# Added but not special, as <tool_call> is in Qwen2.5: they survive `decode(skip_special_tokens=True)`.
+# The protocol's other tags join them so that each tag is one token the tiny model learns at once.
+PROTOCOL_TOKENS = ("<tool_call>", "</tool_call>", "<think>", "</think>", "<answer>", "</answer>",
+                   "<tool_response>", "</tool_response>")
+
+TEXT_HIDDEN, TEXT_LAYERS, TEXT_HEADS, TEXT_KV_HEADS, TEXT_FFN = 128, 2, 4, 2, 256
+MROPE_SECTION = (4, 6, 6)  # sums to head_dim / 2 = 128 / 4 / 2
+VISION_HIDDEN, VISION_DEPTH, VISION_HEADS, VISION_FFN = 64, 2, 2, 128
+MAX_POSITIONS = 32768
+PROCESSOR_MAX_PIXELS = 16384 * 28 * 28  # Qwen2.5-VL's own processor limit: the callers size images
+
+
+@dataclass
+class TinyModelConfig:
+    out: str = field(default="models/base", metadata={"help": "folder to write the checkpoint to"})
+    seed: int = field(default=0, metadata={"help": "seed of the random weights and of the tokenizer corpus"})
+    vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary target (the corpus may yield fewer)"})
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 300:
+            raise ValueError(f"vocab_size {self.vocab_size} is below the 256 bytes plus special tokens")
+
+
+_THOUGHTS = (
+    "The global view looks sharp and well exposed, with fine texture in the foliage.",
+    "Overall the photo is clean, but the fine detail in the upper left may hide blur or noise.",
+    "The sky is smooth; the textured region near the centre deserves a closer look.",
+    "At native resolution the crop shows soft edges, a local blur against the sharp surroundings.",
+    "The crop shows block artifacts typical of jpeg compression, unlike the rest of the photo.",
+    "The crop is clean: texture and edges match the global context, no defect here.",
+    "Grainy noise and colour banding appear in the crop, though the global view hid them.",
+    "Halos of ringing and pixelation along the edges; the defect is local, so the score drops a little.",
+)
+
+
+def _corpus(seed: int, samples: int = 300) -> Iterator[str]:
+    """The protocol's own text: prompts, tool turns, calls and answers, through the chat template."""
+    from qprobe.agent import protocol
+
+    rng = random.Random(seed)
+    yield protocol.SYSTEM_PROMPT
+    yield " ".join(protocol.DEFECT_TYPES) + " 0 1 2 3 4 5 6 7 8 9 score defects bbox_2d type crop name arguments"
+    for _ in range(samples):
+        w, h = rng.randrange(28, 2000, 28), rng.randrange(28, 2000, 28)
+        ow, oh = w * rng.randint(1, 4), h * rng.randint(1, 4)
+        box = sorted(rng.sample(range(w), 2)) + sorted(rng.sample(range(h), 2))
+        view_box = (box[0], box[2], box[1], box[3])
+        original = tuple(v * ow // w if i % 2 == 0 else v * oh // h for i, v in enumerate(view_box))
+        defects = [protocol.Defect(bbox=view_box, type=rng.choice(protocol.DEFECT_TYPES))
+                   for _ in range(rng.randint(0, 2))]
+        yield protocol.user_prompt((w, h), (ow, oh), rng.randint(1, 4))
+        yield protocol.region_line(view_box, original, (ow, oh), (w, h))
+        yield protocol.render_turn(rng.choice(_THOUGHTS), protocol.render_tool_call(view_box))
+        yield protocol.render_turn(rng.choice(_THOUGHTS), protocol.render_answer(rng.uniform(1, 5), defects))
+    # Whole conversations through the chat template: the glue between turns, as the model sees it.
+    yield from _template_samples(rng)
+
+
+def _template_samples(rng: random.Random) -> Iterator[str]:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from qprobe.agent import protocol
+
+    image = {"type": "image"}  # the template only needs the block's type to place the vision tokens
+    for _ in range(20):
+        box = [rng.randrange(0, 500), rng.randrange(0, 500), rng.randrange(500, 1000), rng.randrange(500, 1000)]
+        messages = [
+            protocol.system_message(),
+            {"role": "user", "content": [image, {"type": "text",
+                                                 "text": protocol.user_prompt((812, 616), (3248, 2464), 3)}]},
+            protocol.assistant_turn(protocol.render_turn(rng.choice(_THOUGHTS), protocol.render_tool_call(box))),
+            protocol.tool_turn([image, {"type": "text",
+                                        "text": protocol.region_line(box, box, (3248, 2464), (812, 616))}]),
+            protocol.assistant_turn(protocol.render_turn(rng.choice(_THOUGHTS), protocol.render_answer(3.5))),
+        ]
+        rendered, _ = render_jinja_template([messages], chat_template=protocol.chat_template(),
+                                            add_generation_prompt=True)
+        yield rendered[0]
+
+
+def train_tokenizer(seed: int, vocab_size: int) -> Any:
+    """A byte-level BPE on the protocol corpus, as a ``Qwen2Tokenizer`` with Qwen's special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import AddedToken, Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    # Exactly Qwen2Tokenizer's normaliser and pre-tokeniser, so the merges mean the same once wrapped.
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(SPECIAL_TOKENS) - len(PROTOCOL_TOKENS),
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[SPECIAL_TOKENS[0]],
+        show_progress=False,
+    )
+    # Registered before training so that no merge ever spans a special token in the template samples.
+    bpe.add_special_tokens(list(SPECIAL_TOKENS))
+    bpe.train_from_iterator(_corpus(seed), trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, errors="replace",
+                               model_max_length=MAX_POSITIONS, clean_up_tokenization_spaces=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in PROTOCOL_TOKENS])
+    tokenizer.eos_token = "<|im_end|>"
+    return tokenizer
+
+
+def build_model(tokenizer: Any, seed: int) -> Any:
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    end, pad = ids("<|im_end|>"), ids("<|endoftext|>")
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": TEXT_HIDDEN,
+            "intermediate_size": TEXT_FFN,
+            "num_hidden_layers": TEXT_LAYERS,
+            "num_attention_heads": TEXT_HEADS,
+            "num_key_value_heads": TEXT_KV_HEADS,
+            "max_position_embeddings": MAX_POSITIONS,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(MROPE_SECTION)},
+            "bos_token_id": None,
+            "eos_token_id": end,
+            "pad_token_id": pad,
+            "tie_word_embeddings": True,
+        },
+        vision_config={
+            "depth": VISION_DEPTH,
+            "hidden_size": VISION_HIDDEN,
+            "intermediate_size": VISION_FFN,
+            "num_heads": VISION_HEADS,
+            "out_hidden_size": TEXT_HIDDEN,
+            "fullatt_block_indexes": [VISION_DEPTH - 1],
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(eos_token_id=[end, pad], pad_token_id=pad, bos_token_id=None)
+    return model
+
+
+def build_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1024) -> dict[str, Any]:
+    """Write the tiny checkpoint to ``out`` (replacing it); returns a summary (parameters, vocabulary)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from qprobe.models.factory import apply_protocol, load_model
+    from qprobe.models.processor import QProbeProcessor
+
+    out = Path(out)
+    tokenizer = train_tokenizer(seed, vocab_size)
+    image_processor = Qwen2VLImageProcessorPil(max_pixels=PROCESSOR_MAX_PIXELS, min_pixels=56 * 56)
+    processor = apply_protocol(QProbeProcessor(image_processor=image_processor, tokenizer=tokenizer))
+    model = build_model(tokenizer, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        load_model(staging, device="cpu")  # what is written must load through the factory
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vision_parameters": sum(p.numel() for p in model.model.visual.parameters()),
+        "vocab_size": len(tokenizer),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build the tiny random Qwen2.5-VL.
+
+    Example::
+
+        qprobe model init-tiny                       # params.yaml `model:` (out models/base, seed)
+        qprobe model init-tiny --out /tmp/tiny --seed 1
+    """
+    from qprobe import tracking
+
+    cfg = parse_config(TinyModelConfig, "model", argv, prog="qprobe model init-tiny",
+                       description=main.__doc__)
+    with tracking.stage_run("model", params=asdict(cfg)):
+        summary = build_tiny(cfg.out, cfg.seed, cfg.vocab_size)
+        tracking.log_metrics(summary)
+        tracking.log_dataset(cfg.out, name="tiny-qwen2.5-vl", context="output")
+    print(f"{cfg.out}: tiny Qwen2.5-VL, {summary['parameters']:,} parameters "
+          f"({summary['vision_parameters']:,} in the vision tower), vocabulary {summary['vocab_size']}")
+    return 0

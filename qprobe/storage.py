@@ -1,0 +1,152 @@
+"""S3 through boto3: parse ``s3://bucket/prefix``, list, download and upload.
+
+The client is configured from the standard AWS environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``, ``AWS_PROFILE`` and
+``AWS_ENDPOINT_URL`` for an S3-compatible server such as SeaweedFS or MinIO). With a custom
+endpoint it uses path-style addressing, which those servers expect. Credentials are never logged
+or put in an error message: failures become a one-line :class:`StorageError` naming the URI and
+the S3 error code.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qprobe.errors import QProbeError
+
+SCHEME = "s3://"
+
+
+class StorageError(QProbeError, OSError):
+    """An S3 location that cannot be parsed, reached or read."""
+
+
+@dataclass(frozen=True)
+class S3Object:
+    key: str
+    size: int
+    etag: str
+
+    def uri(self, bucket: str) -> str:
+        return f"{SCHEME}{bucket}/{self.key}"
+
+
+def is_s3_uri(text: str) -> bool:
+    return text.startswith(SCHEME)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``"s3://bucket/a/b"`` -> ``("bucket", "a/b")``; the prefix may be empty."""
+    if not is_s3_uri(uri):
+        raise StorageError(f"{uri}: not an S3 URI (expected s3://bucket/prefix)")
+    bucket, _, prefix = uri[len(SCHEME):].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket name")
+    return bucket, prefix
+
+
+@functools.lru_cache(maxsize=1)
+def client() -> Any:
+    """A boto3 S3 client from the environment, one per process (boto3 clients are thread-safe, not fork-safe)."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    config = Config(
+        retries={"max_attempts": 5, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+        s3={"addressing_style": "path"} if endpoint else None,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
+
+def _error(uri: str, exc: Exception) -> StorageError:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = err.get("Code", "error")
+        reason = {"NoSuchBucket": "bucket not found", "NoSuchKey": "no such object", "404": "not found",
+                  "AccessDenied": "access denied", "403": "access denied"}.get(code, err.get("Message") or code)
+        return StorageError(f"{uri}: {reason} ({code})")
+    if isinstance(exc, BotoCoreError):
+        # botocore's messages name the endpoint or the missing setting, never a secret.
+        return StorageError(f"{uri}: {exc}")
+    return StorageError(f"{uri}: {type(exc).__name__}: {exc}")
+
+
+def list_objects(uri: str, suffixes: frozenset[str] | None = None) -> Iterator[S3Object]:
+    """Objects under ``uri`` (recursively), in key order; only keys ending in ``suffixes`` when given."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = parse_s3_uri(uri)
+    paginator = client().get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                if key.endswith("/") or (suffixes and Path(key).suffix.lower() not in suffixes):
+                    continue
+                yield S3Object(key=key, size=int(obj["Size"]), etag=obj.get("ETag", "").strip('"'))
+    except (ClientError, BotoCoreError) as exc:
+        raise _error(uri, exc) from exc
+
+
+def download_bytes(uri: str) -> bytes:
+    """The whole object at ``uri``."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = parse_s3_uri(uri)
+    try:
+        return client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except (ClientError, BotoCoreError) as exc:
+        raise _error(uri, exc) from exc
+
+
+def download_file(uri: str, path: str | Path) -> Path:
+    """Download ``uri`` to ``path`` atomically (a partial download never lands at ``path``)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from qprobe.io import atomic_path
+
+    bucket, key = parse_s3_uri(uri)
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            client().download_file(bucket, key, str(tmp))
+    except (ClientError, BotoCoreError) as exc:
+        raise _error(uri, exc) from exc
+    return path
+
+
+def upload_file(path: str | Path, uri: str) -> str:
+    """Upload the local file ``path`` to ``uri``; returns ``uri``."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = parse_s3_uri(uri)
+    if not key or key.endswith("/"):
+        raise StorageError(f"{uri}: upload needs an object key, not a prefix")
+    if not Path(path).is_file():
+        raise StorageError(f"{path}: no such file to upload")
+    try:
+        client().upload_file(str(path), bucket, key)
+    except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
+        raise _error(uri, exc) from exc
+    return uri
+
+
+def upload_dir(folder: str | Path, uri: str) -> list[str]:
+    """Upload every file under ``folder`` to ``uri/<relative path>``; returns the URIs written."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StorageError(f"{folder}: no such folder to upload")
+    base = uri.rstrip("/")
+    return [upload_file(p, f"{base}/{p.relative_to(folder).as_posix()}")
+            for p in sorted(folder.rglob("*")) if p.is_file()]

@@ -1,0 +1,441 @@
+"""Probe-CoT (SFT), Probe-RL and the stage-1 set, built from Vista-Bench.
+
+Three Hugging Face datasets, written with ``save_to_disk`` under ``--out``:
+
+``stage1``  low-resolution global views with ``mos`` and ``mos_std``, for GRPO with the Thurstone
+            ranking reward (from the bench's training split, or from an imported public IQA manifest).
+``sft``     Probe-CoT conversations in trl's format (``messages`` + ``images``), low:high resolution
+            mixed ``low_high_ratio``:1. A low-resolution sample is one turn that answers from the view.
+            A high-resolution sample is multi-turn: global impression -> crop tool call -> the crop
+            (cut by :class:`qprobe.agent.crop.CropTool`, the very tool inference and RL use) -> local
+            scrutiny and a critical check against context -> ... -> answer (score = MOS, defect boxes
+            in global-view pixels). Crops come from the context-aware planner
+            (:mod:`qprobe.trajectories.planner`), reasoning from the template bank
+            (:mod:`qprobe.trajectories.composer`).
+``rl``      Probe-RL prompts: the global view, ``mos``, ``defects`` (original pixels), ``has_defect`` and
+            ``original``, the high-resolution photo the crop tool opens during rollouts.
+
+Only the bench's training split reaches these sets; a validation suite checks it (and the protocol
+round trip, crop containment and margins, the low:high ratio) before the stage declares success.
+
+Run it::
+
+    qprobe trajectories --bench data/bench --out data/trajectories --seed 0
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from qprobe.agent import protocol
+from qprobe.agent.crop import CropTool, global_view
+from qprobe.bench.texture import TextureMap, texture_map
+from qprobe.config import parse_config, to_flat_dict
+from qprobe.data.manifest import image_path, read_manifest
+from qprobe.errors import QProbeError
+from qprobe.io import load_image, write_json_atomic, write_text_atomic
+from qprobe.trajectories import composer
+from qprobe.trajectories.planner import PlannerConfig, plan_crops
+from qprobe.trajectories.teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+SETS = ("stage1", "sft", "rl")
+
+
+def _sft_features() -> Any:
+    # Spelled out: inference cannot see that a nested block's ``image`` is an image, and would store
+    # raw bytes that trl's collator cannot use.
+    from datasets import Features, List, Value
+    from datasets import Image as ImageFeature
+
+    block = {"type": Value("string"), "text": Value("string"), "image": ImageFeature()}
+    return Features({
+        "id": Value("string"), "source": Value("string"), "split": Value("string"), "kind": Value("string"),
+        "messages": List({"role": Value("string"), "name": Value("string"), "content": List(block)}),
+        "images": List(ImageFeature()), "mos": Value("float64"), "defects": List(List(Value("int64"))),
+        "crops": List(List(Value("int64"))), "crop_has_defect": List(Value("bool")),
+        "width": Value("int64"), "height": Value("int64"),
+    })
+
+
+@dataclass
+class TrajectoriesConfig:
+    bench: str = field(default="data/bench", metadata={"help": "bench folder (holding manifest.parquet)"})
+    out: str = field(default="data/trajectories", metadata={"help": "output folder: stage1/, sft/, rl/"})
+    metrics: str = field(default="metrics/trajectories.json", metadata={"help": "DVC metrics file"})
+    seed: int = field(default=0, metadata={"help": "seed for sampling, planning and phrasing"})
+    train_splits: list[str] = field(default_factory=lambda: ["train"], metadata={
+        "help": "bench splits that may reach training sets (never the test split)"})
+    sft_size: int = field(default=48, metadata={"help": "SFT samples in all (low + high resolution)"})
+    low_high_ratio: float = field(default=2.0, metadata={"help": "low-resolution : high-resolution SFT samples"})
+    ratio_tolerance: float = field(default=0.15, metadata={"help": "allowed relative deviation of that ratio"})
+    rl_size: int = field(default=48, metadata={"help": "Probe-RL prompts (0: every training image once)"})
+    stage1_source: str = field(default="bench", metadata={
+        "help": "'bench' (low-resolution views of the bench's training split) or a manifest path (public IQA set)"})
+    stage1_size: int = field(default=0, metadata={"help": "stage-1 samples (0: every training image once)"})
+    global_max_pixels: int = field(default=50176, metadata={
+        "help": "pixel budget of the global view (smart_resize); the paper's 7B uses 1003520"})
+    crop_max_pixels: int = field(default=50176, metadata={"help": "pixel budget of each crop"})
+    low_res_max_pixels: int = field(default=50176, metadata={
+        "help": "size of a low-resolution sample: the whole photo at this budget is its own global view"})
+    max_crops: int = field(default=3, metadata={"help": "crop budget stated in the prompt"})
+    planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "crop planner (a mapping)"})
+    samples_html: int = field(default=8, metadata={"help": "trajectories drawn in samples.html"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "OpenAI-compatible VLM endpoint that rewrites the reasoning of high-resolution samples"})
+    teacher_tolerance: float = field(default=0.5, metadata={
+        "help": "keep a rewrite only if the teacher's own score is this close to the MOS"})
+
+    def __post_init__(self) -> None:
+        if self.low_high_ratio < 0 or self.sft_size < 1:
+            raise ValueError("need low_high_ratio >= 0 and sft_size >= 1")
+        if "test" in self.train_splits:
+            raise ValueError("train_splits must not contain 'test': no test photo may reach training")
+
+
+# ---------------------------------------------------------------------------------------------------
+# One bench photo
+
+
+@dataclass
+class BenchPhoto:
+    row: dict[str, Any]
+    path: Path
+    image: Image.Image
+    texture: TextureMap
+
+    @property
+    def defects(self) -> list[tuple[str, int, tuple[int, int, int, int]]]:
+        return [(d["type"], int(d["severity"]), tuple(int(v) for v in d["bbox"])) for d in self.row["defects"]]
+
+
+def salient_regions(tmap: TextureMap, fraction: float, n: int = 6) -> list[tuple[int, int, int, int]]:
+    """The ``n`` most textured windows of about ``fraction`` of the image (candidates for clean crops)."""
+    rows, cols = tmap.values.shape
+    side_r = max(1, round(rows * math.sqrt(fraction)))
+    side_c = max(1, round(cols * math.sqrt(fraction)))
+    means = tmap.box_means(min(side_r, rows), min(side_c, cols))
+    order = np.argsort(means, axis=None)[::-1][: n * 8]
+    picks: list[tuple[int, int, int, int]] = []
+    for flat in order:
+        r, c = divmod(int(flat), means.shape[1])
+        box = (int(c * tmap.cell_x), int(r * tmap.cell_y), int((c + side_c) * tmap.cell_x),
+               int((r + side_r) * tmap.cell_y))
+        if all(abs(box[0] - p[0]) > tmap.cell_x * side_c / 2 or abs(box[1] - p[1]) > tmap.cell_y * side_r / 2
+               for p in picks):
+            picks.append(box)
+        if len(picks) == n:
+            break
+    return picks
+
+
+def _outward(box: Sequence[float]) -> list[int]:
+    return [math.floor(box[0]), math.floor(box[1]), math.ceil(box[2]), math.ceil(box[3])]
+
+
+def high_res_sample(photo: BenchPhoto, cfg: TrajectoriesConfig, rng: random.Random) -> dict[str, Any]:
+    """A multi-turn Probe-CoT trajectory over one photo at native resolution."""
+    width, height = photo.image.size
+    defects = photo.defects
+    salient = salient_regions(photo.texture, cfg.planner.clean_crop_fraction)
+    plan = plan_crops([d[2] for d in defects], width, height, cfg.planner, rng, salient)
+    tool = CropTool(photo.image, cfg.global_max_pixels, cfg.crop_max_pixels, max_calls=cfg.max_crops)
+    view, geometry = global_view(photo.image, cfg.global_max_pixels)
+    messages = protocol.global_turn(view, (width, height), cfg.max_crops)
+    crops: list[list[int]] = []
+    for i, (box, _) in enumerate(plan[: cfg.max_crops]):
+        inside = tuple(d for d in defects if _contains(box, d[2]))
+        facts = composer.CropFacts(box=box, defects=inside, texture=photo.texture.box_mean(box))
+        lead = (composer.global_impression(facts, width, height, photo.row["mos"], rng) if i == 0
+                else composer.next_target(facts, width, height, rng))
+        view_box = _outward(geometry.to_view(box))
+        messages.append(protocol.assistant_turn(protocol.render_turn(lead, protocol.render_tool_call(view_box))))
+        blocks = tool.crop(view_box)
+        record = tool.calls[-1]
+        if record.error:  # the planner only asks for valid boxes; a failure here is a bug
+            raise RuntimeError(f"{photo.row['id']}: crop tool refused a planned box: {record.error}")
+        crops.append(list(record.original_box))
+        messages.append(protocol.tool_turn(blocks))
+        messages.append({"role": "_scrutiny", "text": composer.scrutiny(facts, width, height, rng)})
+    # Each crop's scrutiny opens the following assistant turn (the next call, or the answer).
+    answer_defects = [protocol.Defect(bbox=tuple(_outward(geometry.to_view(d[2]))), type=d[0]) for d in defects]
+    answer = protocol.render_answer(photo.row["mos"], answer_defects)
+    final_think = composer.verdict(photo.row["mos"], len(defects))
+    messages = _attach_scrutiny(messages, final_think, answer)
+    return _sample(photo, "high", messages, crops, [bool(h) for _, h in plan[: cfg.max_crops]])
+
+
+def _contains(outer: Sequence[int], inner: Sequence[int]) -> bool:
+    return outer[0] <= inner[0] and outer[1] <= inner[1] and outer[2] >= inner[2] and outer[3] >= inner[3]
+
+
+def _attach_scrutiny(messages: list[dict[str, Any]], final_think: str, answer: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    pending = ""
+    for m in messages:
+        if m["role"] == "_scrutiny":
+            pending = m["text"]
+            continue
+        if m["role"] == "assistant" and pending:
+            text = m["content"][0]["text"]
+            think, action = text.split("</think>\n", 1)
+            m = protocol.assistant_turn(f"<think>{pending} {think[len('<think>'):]}</think>\n{action}")
+            pending = ""
+        out.append(m)
+    think = f"{pending} {final_think}".strip()
+    out.append(protocol.assistant_turn(protocol.render_turn(think, answer)))
+    return out
+
+
+def low_res_sample(photo: BenchPhoto, cfg: TrajectoriesConfig, rng: random.Random) -> dict[str, Any]:
+    """A one-turn sample: the photo at the low-resolution budget is its own global view."""
+    small, _ = global_view(photo.image, cfg.low_res_max_pixels)
+    _, geometry = global_view(small, cfg.global_max_pixels)
+    sx, sy = small.size[0] / photo.image.size[0], small.size[1] / photo.image.size[1]
+    defects = [(t, s, (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy)) for t, s, b in photo.defects]
+    messages = protocol.global_turn(small, small.size, cfg.max_crops)
+    think = composer.low_res_impression(photo.row["mos"], defects, *small.size, rng)
+    answer = protocol.render_answer(photo.row["mos"], [
+        protocol.Defect(bbox=tuple(_outward(geometry.to_view(b))), type=t) for t, _, b in defects])
+    messages.append(protocol.assistant_turn(protocol.render_turn(think, answer)))
+    return _sample(photo, "low", messages, [], [])
+
+
+def _strip_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Prompt format: image blocks are placeholders, the pixels live in the ``images`` column in order."""
+    out = []
+    for m in messages:
+        content = [{"type": "image", "text": None} if b.get("type") == "image" else
+                   {"type": "text", "text": b["text"]} for b in m["content"]]
+        out.append({"role": m["role"], "name": m.get("name"), "content": content})
+    return out
+
+
+def _inline_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """SFT format: every image sits in its block, tool turns included.
+
+    trl's collator fills ``images``-column placeholders only outside tool turns, so a crop must be
+    inline; the global view goes inline too, because a stored block always has every key and a
+    placeholder is recognised by its missing ``image``. The ``images`` column stays empty.
+    """
+    return [{"role": m["role"], "name": m.get("name"),
+             "content": [{"type": b["type"], "text": b.get("text"), "image": b.get("image")} for b in m["content"]]}
+            for m in messages]
+
+
+def sample_images(sample: dict[str, Any]) -> list[Image.Image]:
+    """The images of an SFT sample, in conversation order (global view first, then the crops)."""
+    return [b["image"] for m in sample["messages"] for b in m["content"] if b["type"] == "image"]
+
+
+def _sample(photo: BenchPhoto, kind: str, messages: list[dict[str, Any]], crops: list[list[int]],
+            crop_has_defect: list[bool]) -> dict[str, Any]:
+    return {
+        "id": photo.row["id"], "source": photo.row["source"], "split": photo.row["split"], "kind": kind,
+        "messages": _inline_images(messages), "images": [], "mos": float(photo.row["mos"]),
+        "defects": [list(d[2]) for d in photo.defects], "crops": crops, "crop_has_defect": crop_has_defect,
+        "width": photo.image.size[0], "height": photo.image.size[1],
+    }
+
+
+def rl_prompt(photo: BenchPhoto, cfg: TrajectoriesConfig, root: Path) -> dict[str, Any]:
+    view, _ = global_view(photo.image, cfg.global_max_pixels)
+    messages = _strip_images(protocol.global_turn(view, photo.image.size, cfg.max_crops))
+    return {
+        "id": photo.row["id"], "source": photo.row["source"], "split": photo.row["split"],
+        "prompt": messages, "images": [view], "mos": float(photo.row["mos"]),
+        "mos_std": float(photo.row["mos_std"] or 0.0), "has_defect": bool(photo.row["has_defect"]),
+        "defects": [{"type": t, "severity": s, "bbox": list(b)} for t, s, b in photo.defects],
+        "original": _relative(photo.path, root), "width": photo.image.size[0], "height": photo.image.size[1],
+    }
+
+
+def stage1_prompt(row: dict[str, Any], image: Image.Image, cfg: TrajectoriesConfig) -> dict[str, Any]:
+    view, _ = global_view(image, cfg.low_res_max_pixels)
+    return {
+        "id": row["id"], "source": row["source"], "split": row["split"],
+        "prompt": _strip_images(protocol.global_turn(view, view.size, 0)), "images": [view],
+        "mos": float(row["mos"]), "mos_std": float(row["mos_std"] if row.get("mos_std") is not None else 0.0),
+    }
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+
+
+def _training_rows(manifest: pd.DataFrame, splits: Sequence[str]) -> list[dict[str, Any]]:
+    rows = manifest[manifest["split"].isin(list(splits))].to_dict("records")
+    if not rows:
+        raise QProbeError(f"{manifest.attrs.get('path')}: no rows in splits {list(splits)}")
+    for r in rows:
+        r["defects"] = [dict(d) for d in (r["defects"] if r["defects"] is not None else [])]
+    return rows
+
+
+def _schedule(n: int, pool: int, rng: random.Random) -> list[int]:
+    """``n`` indices into a pool: every item once per pass, passes shuffled."""
+    order: list[int] = []
+    while len(order) < n:
+        batch = list(range(pool))
+        rng.shuffle(batch)
+        order.extend(batch)
+    return order[:n]
+
+
+def _photos(rows: list[dict[str, Any]], manifest_path: Path) -> Iterator[BenchPhoto]:
+    cache: dict[str, BenchPhoto] = {}
+    for row in rows:
+        if row["id"] not in cache:
+            if len(cache) > 16:  # bound memory on big benches; the schedule revisits photos rarely
+                cache.clear()
+            path = image_path(manifest_path, row["image"])
+            image = load_image(path)
+            cache[row["id"]] = BenchPhoto(row, path, image, texture_map(np.asarray(image)))
+        yield cache[row["id"]]
+
+
+def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
+    """Write the three datasets under ``cfg.out``; returns the counts. Validates before it returns."""
+    from datasets import Dataset
+
+    root = root or Path.cwd()
+    manifest = read_manifest(cfg.bench)
+    manifest_path = Path(manifest.attrs["path"])
+    rows = _training_rows(manifest, cfg.train_splits)
+    rng = random.Random(cfg.seed)
+    n_high = max(1, round(cfg.sft_size / (1 + cfg.low_high_ratio)))
+    n_low = cfg.sft_size - n_high
+    kinds = ["high"] * n_high + ["low"] * n_low
+    rng.shuffle(kinds)
+    picks = _schedule(cfg.sft_size, len(rows), rng)
+    teacher = Teacher(cfg.teacher, cfg.teacher_tolerance) if cfg.teacher else None
+    sft: list[dict[str, Any]] = []
+    for kind, photo in tqdm(zip(kinds, _photos([rows[i] for i in picks], manifest_path), strict=True),
+                            total=len(kinds), desc="probe-cot", unit="sample"):
+        sample_rng = random.Random(f"{cfg.seed}:{len(sft)}:{photo.row['id']}")
+        if kind == "low":
+            sft.append(low_res_sample(photo, cfg, sample_rng))
+            continue
+        sample = high_res_sample(photo, cfg, sample_rng)
+        sft.append(teacher.rewrite(sample) if teacher else sample)
+    rl_picks = _schedule(cfg.rl_size or len(rows), len(rows), rng)
+    rl = [rl_prompt(p, cfg, root) for p in tqdm(_photos([rows[i] for i in rl_picks], manifest_path),
+                                                 total=len(rl_picks), desc="probe-rl", unit="prompt")]
+    stage1 = _stage1(cfg, rows, manifest_path, rng)
+
+    out = Path(cfg.out)
+    from qprobe.trajectories.validation import validate_sets
+
+    validate_sets(cfg, manifest, sft=pd.DataFrame(sft), rl=pd.DataFrame(rl), stage1=pd.DataFrame(stage1))
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    for name, records in (("stage1", stage1), ("sft", sft), ("rl", rl)):
+        Dataset.from_list(records, features=_sft_features() if name == "sft" else None).save_to_disk(str(staging / name))
+    write_text_atomic(staging / "samples.html", samples_html(sft, cfg.samples_html))
+    # Swap in the finished folder in one rename, so a killed run never leaves a half-written set.
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return {
+        "sft": len(sft), "sft_high": n_high, "sft_low": n_low, "rl": len(rl), "stage1": len(stage1),
+        "crops": sum(len(s["crops"]) for s in sft),
+        "clean_crops": sum(not h for s in sft for h in s["crop_has_defect"]),
+        "rl_with_defect": sum(r["has_defect"] for r in rl),
+        **(teacher.stats.as_metrics() if teacher else {}),
+    }
+
+
+def _stage1(cfg: TrajectoriesConfig, rows: list[dict[str, Any]], manifest_path: Path,
+            rng: random.Random) -> list[dict[str, Any]]:
+    if cfg.stage1_source != "bench":
+        public = read_manifest(cfg.stage1_source)
+        manifest_path = Path(public.attrs["path"])
+        rows = _training_rows(public, cfg.train_splits)
+    picks = _schedule(cfg.stage1_size or len(rows), len(rows), rng)
+    return [stage1_prompt(rows[i], load_image(image_path(manifest_path, rows[i]["image"])), cfg)
+            for i in tqdm(picks, desc="stage1", unit="image")]
+
+
+def _thumb(image: Image.Image, boxes: Sequence[tuple[Sequence[float], str]] = (), side: int = 360) -> str:
+    image = image.copy()
+    draw = ImageDraw.Draw(image)
+    for box, colour in boxes:
+        draw.rectangle(list(box), outline=colour, width=max(2, image.size[0] // 150))
+    image.thumbnail((side, side))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def samples_html(sft: list[dict[str, Any]], n: int) -> str:
+    """A self-contained page of sample trajectories: images with crop boxes beside the text."""
+    high = [s for s in sft if s["kind"] == "high"][: max(1, n - 1)]
+    low = [s for s in sft if s["kind"] == "low"][:1]
+    parts = ["<!doctype html><meta charset='utf-8'><title>Probe-CoT samples</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+             ".turn{display:flex;gap:12px;margin:6px 0}.role{width:80px;font-weight:bold}"
+             "pre{white-space:pre-wrap;margin:0}img{border:1px solid #ccc}</style>",
+             "<h1>Probe-CoT sample trajectories</h1><p>Green: crops; red: defects (global-view pixels).</p>"]
+    for s in high + low:
+        parts.append(f"<h2>{html.escape(s['id'])} ({s['kind']} resolution, MOS {s['mos']:.2f})</h2>")
+        images = iter(sample_images(s))
+        for m in s["messages"]:
+            cells = []
+            for block in m["content"]:
+                if block["type"] == "image":
+                    img = next(images)
+                    boxes = []
+                    if m["role"] == "user" and s["kind"] == "high":
+                        ratio = img.size[0] / s["width"]
+                        boxes = [([v * ratio for v in c], "lime") for c in s["crops"]]
+                        boxes += [([v * ratio for v in d], "red") for d in s["defects"]]
+                    cells.append(f"<img src='{_thumb(img, boxes)}'>")
+                elif m["role"] != "system":
+                    cells.append(f"<pre>{html.escape(block['text'] or '')}</pre>")
+            if cells:
+                parts.append(f"<div class='turn'><div class='role'>{m['role']}</div><div>{''.join(cells)}</div></div>")
+    return "\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``qprobe trajectories [--bench DIR] [--out DIR] [--seed S] ...`` (defaults: ``trajectories:`` in params.yaml)."""
+    from qprobe.tracking import log_artifact, log_dataset, log_metrics, stage_run
+
+    cfg = parse_config(TrajectoriesConfig, "trajectories", argv, prog="qprobe trajectories",
+                       description=__doc__)
+    start = time.perf_counter()
+    with stage_run("trajectories", to_flat_dict(asdict(cfg))):
+        log_dataset(cfg.bench, "vista-bench", "input")
+        counts = build(cfg)
+        counts["seconds"] = round(time.perf_counter() - start, 2)
+        for name in SETS:
+            log_dataset(Path(cfg.out) / name, f"probe-{name}", "output")
+        log_metrics(counts)
+        log_artifact(Path(cfg.out) / "samples.html")
+        write_json_atomic(cfg.metrics, counts)
+    print(f"trajectories: {counts['sft']} SFT ({counts['sft_high']} high / {counts['sft_low']} low resolution), "
+          f"{counts['rl']} RL prompts, {counts['stage1']} stage-1 samples -> {cfg.out}")
+    return 0
