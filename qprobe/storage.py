@@ -150,3 +150,27 @@ def upload_dir(folder: str | Path, uri: str) -> list[str]:
     base = uri.rstrip("/")
     return [upload_file(p, f"{base}/{p.relative_to(folder).as_posix()}")
             for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
+def sync_prefix(uri: str, folder: str | Path, suffixes: frozenset[str] | None = None) -> tuple[list[Path], int]:
+    """Mirror the objects under ``uri`` into ``folder``; returns (files downloaded, files already there).
+
+    Resumable: a file already present with the object's size is kept. The prefix is matched as a
+    folder (``s3://b/koniq`` does not also pull ``s3://b/koniq10k-old/``), and a key that would land
+    outside ``folder`` is refused.
+    """
+    bucket, prefix = parse_s3_uri(uri)
+    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    folder = Path(folder)
+    fetched: list[Path] = []
+    kept = 0
+    for obj in list_objects(f"{SCHEME}{bucket}/{prefix}", suffixes):
+        relpath = Path(obj.key[len(prefix):])
+        if ".." in relpath.parts or relpath.is_absolute():
+            raise StorageError(f"{obj.uri(bucket)}: object key leaves the prefix; refusing to download it")
+        dest = folder / relpath
+        if dest.is_file() and dest.stat().st_size == obj.size:
+            kept += 1
+            continue
+        fetched.append(download_file(obj.uri(bucket), dest))
+    return fetched, kept

@@ -89,7 +89,10 @@ def repro_stage(stage: str, root: str | Path, parent_run_id: str | None = None,
     seconds = time.perf_counter() - start
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        tail = "\n".join(output.strip().splitlines()[-25:])
+        # Progress bars and library warnings bury the one line that says what went wrong.
+        lines = [line for line in output.strip().splitlines()
+                 if line.strip() and "it/s]" not in line and "examples/s]" not in line and "warn" not in line.lower()]
+        tail = "\n".join(lines[-12:])
         raise StageError(f"dvc repro of stage {stage!r} failed (exit {proc.returncode}):\n{tail}")
     skipped = f"Stage '{stage}' didn't change, skipping" in output or "is cached - skipping" in output
     ran = not skipped and f"Running stage '{stage}'" in output

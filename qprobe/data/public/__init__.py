@@ -154,23 +154,10 @@ def _local_root(config: ImportConfig, out: Path) -> Path:
     if not storage.is_s3_uri(config.root):
         return Path(config.root)
     cache = Path(config.cache_dir) if config.cache_dir else out / "release"
-    bucket, prefix = storage.parse_s3_uri(config.root)
-    # A trailing slash keeps s3://b/koniq from also matching s3://b/koniq10k-old/...
-    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-    fetched = kept = 0
-    for obj in storage.list_objects(f"{storage.SCHEME}{bucket}/{prefix}"):
-        relpath = Path(obj.key[len(prefix):])
-        if ".." in relpath.parts or relpath.is_absolute():
-            raise DatasetError(f"{obj.uri(bucket)}: object key leaves the prefix; refusing to download it")
-        dest = cache / relpath
-        if dest.is_file() and dest.stat().st_size == obj.size:
-            kept += 1
-            continue
-        storage.download_file(obj.uri(bucket), dest)
-        fetched += 1
-    if fetched + kept == 0:
+    fetched, kept = storage.sync_prefix(config.root, cache)
+    if not fetched and not kept:
         raise DatasetError(f"{config.root}: no objects under this prefix")
-    log.info("%s: %d objects downloaded, %d already in %s", config.root, fetched, kept, cache)
+    log.info("%s: %d objects downloaded, %d already in %s", config.root, len(fetched), kept, cache)
     return cache
 
 
