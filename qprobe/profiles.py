@@ -19,6 +19,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
 from qprobe.config import ConfigError, repo_root
+from qprobe.io import atomic_path
 
 
 def _merge(base: CommentedMap, overlay: dict[str, Any], where: str) -> int:
@@ -38,25 +39,29 @@ def available_profiles(root: Path) -> list[str]:
     return sorted(p.stem for p in (root / "configs").glob("*.yaml"))
 
 
+def update_params(overlay: dict[str, Any], root: str | Path | None = None, where: str = "update") -> int:
+    """Merge ``overlay`` (sections of values) into ``params.yaml`` in place; returns how many values changed."""
+    root = Path(root) if root else repo_root()
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    params_path = root / "params.yaml"
+    params = yaml.load(params_path.read_text()) or CommentedMap()
+    changed = _merge(params, overlay, where)
+    with atomic_path(params_path) as tmp, tmp.open("w") as fh:
+        yaml.dump(params, fh)
+    return changed
+
+
 def apply_profile(name: str, root: str | Path | None = None) -> int:
     """Merge ``configs/NAME.yaml`` into ``params.yaml``; returns how many values changed."""
     root = Path(root) if root else repo_root()
     profile = root / "configs" / f"{name}.yaml"
     if not profile.is_file():
         raise ConfigError(f"{profile}: no such profile (available: {', '.join(available_profiles(root)) or 'none'})")
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    params_path = root / "params.yaml"
-    params = yaml.load(params_path.read_text()) or CommentedMap()
-    overlay = yaml.load(profile.read_text()) or {}
+    overlay = YAML().load(profile.read_text()) or {}
     if not isinstance(overlay, dict):
         raise ConfigError(f"{profile}: expected a mapping of sections")
-    changed = _merge(params, overlay, name)
-    tmp = params_path.with_suffix(".yaml.tmp")
-    with tmp.open("w") as fh:
-        yaml.dump(params, fh)
-    tmp.replace(params_path)
-    return changed
+    return update_params(overlay, root, name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -142,3 +142,44 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
     else:
         log.warning("artifact %s not found; not logged", path)
+
+
+def register_model(model_dir: str | Path, alias: str = "challenger", tags: Mapping[str, str] | None = None,
+                   root: str | Path | None = None) -> str:
+    """Log ``model_dir`` into a registration run and register it as a new version of ``qprobe``.
+
+    The registry keeps its own copy (the artifact store, S3 in production), so a champion outlives
+    the workspace's ``models/`` folder, which the next pipeline run overwrites. Returns the version.
+    """
+    mlflow = _configure(root)
+    client = mlflow.MlflowClient()
+    with contextlib.suppress(mlflow.exceptions.MlflowException):  # already registered
+        client.create_registered_model(MODEL_NAME)
+    digest = content_hash(model_dir)
+    with stage_run("register", {"model_dir": str(model_dir)}, tags={"model.md5": digest}, root=root) as run:
+        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    version = client.create_model_version(MODEL_NAME, source=f"runs:/{run.info.run_id}/model",
+                                          run_id=run.info.run_id, tags={"model.md5": digest, **(tags or {})})
+    client.set_registered_model_alias(MODEL_NAME, alias, version.version)
+    return str(version.version)
+
+
+def model_version(alias: str, root: str | Path | None = None) -> Any | None:
+    """The registered version behind ``alias`` (e.g. ``champion``), or None when nothing holds it."""
+    mlflow = _configure(root)
+    try:
+        return mlflow.MlflowClient().get_model_version_by_alias(MODEL_NAME, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def download_version(version: Any, dst: str | Path) -> Path:
+    """Materialise a registered version's files under ``dst``; returns the model folder."""
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst)))
+
+
+def set_alias(alias: str, version: str, root: str | Path | None = None) -> None:
+    mlflow = _configure(root)
+    mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, alias, version)

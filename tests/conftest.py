@@ -209,3 +209,4 @@ def taught_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     model.save_pretrained(taught.path)
     processor.save_pretrained(taught.path)
     return taught
+

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from repo_copy import copy_repo
 
 from flows.pipeline import pipeline
 from tasks.dvc_stage import dvc, lock_entry, stage_order
@@ -19,28 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _git(root: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The repository's tracked and untracked-not-ignored files in a fresh git repo, small params."""
-    root = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split()
-    for rel in files:
-        src = REPO / rel
-        if src.is_file():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / rel)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["bench"].update({"num_images": 6, "workers": 1})
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _git(root, "init", "-q")
-    _git(root, "add", "-A")
-    _git(root, "-c", "user.email=ci@example.org", "-c", "user.name=ci", "commit", "-qm", "copy")
-    return root
+    return copy_repo(tmp_path_factory.mktemp("repo"), {"bench": {"num_images": 6, "workers": 1}})
 
 
 @pytest.fixture(scope="module")

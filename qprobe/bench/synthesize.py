@@ -107,6 +107,9 @@ class BenchConfig:
         "help": "longer side of the downscaled luminance the texture map is computed on"})
     texture_levels: int = field(default=3, metadata={"help": "wavelet levels of the texture map"})
     image_column: str = field(default="", metadata={"help": "hf sources: the image column (default: the first)"})
+    source_version: str | None = field(default=None, metadata={
+        "help": "DVC md5 of a DVC-tracked source folder; the retrain flow sets it so that new photos re-run "
+                "this stage (and the run records which data version it used)"})
     contact_sheet_size: int = field(default=48, metadata={"help": "thumbnails on the contact sheet (0: none)"})
 
     def __post_init__(self) -> None:

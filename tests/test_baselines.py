@@ -1,0 +1,159 @@
+"""PIQE against a plain per-block transcription of the published algorithm and on real degradations;
+the agent scorer with and without its tool."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures_eval import ScriptedBackend
+from PIL import Image, ImageFilter
+from scipy.ndimage import gaussian_filter
+from skimage import data
+
+from qprobe.agent.rollout import RolloutConfig
+from qprobe.eval.baselines import (
+    AgentScorer,
+    PiqeScorer,
+    luminance,
+    piqe,
+    piqe_blocks,
+    piqe_tiles,
+    piqe_to_mos,
+)
+
+
+def _piqe_loop(image: Image.Image) -> float:
+    """PIQE written the way the paper and MATLAB's piqe describe it: one block at a time."""
+    gray = luminance(image)
+    h, w = gray.shape
+    gray = np.pad(gray, ((0, -h % 16), (0, -w % 16)), mode="symmetric")
+    mu = gaussian_filter(gray, 7 / 6, mode="nearest", truncate=3 / (7 / 6))
+    sigma = np.sqrt(np.abs(gaussian_filter(gray**2, 7 / 6, mode="nearest", truncate=3 / (7 / 6)) - mu**2))
+    mscn = (gray - mu) / (sigma + 1)
+    total, active = 0.0, 0
+    for i in range(0, mscn.shape[0], 16):
+        for j in range(0, mscn.shape[1], 16):
+            block = mscn[i:i + 16, j:j + 16]
+            v = block.var(ddof=1)
+            if v <= 0.1:
+                continue
+            active += 1
+            edges = [block[0, :], block[:, 15], block[15, :], block[:, 0]]
+            impaired = any(edge[k:k + 6].std(ddof=1) < 0.1 for edge in edges for k in range(11))
+            centre = np.concatenate([block[:, 7], block[:, 8]])
+            surround = np.delete(block, [7, 8], axis=1)
+            ratio = centre.std(ddof=1) / surround.std(ddof=1)
+            ratio = 0.0 if math.isnan(ratio) else ratio
+            beta = abs(math.sqrt(v) - ratio) / max(math.sqrt(v), ratio)
+            noisy = math.sqrt(v) > 2 * beta
+            total += impaired * (1 - v) + noisy * v
+    return 100 * (total + 1) / (active + 1)
+
+
+def _noisy(image: Image.Image, sigma: float, seed: int = 0) -> Image.Image:
+    pixels = np.asarray(image, dtype=np.float64)
+    pixels = pixels + np.random.default_rng(seed).normal(0, sigma, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
+
+
+def _centre(photo: Path, side: int = 1024) -> Image.Image:
+    image = Image.open(photo).convert("RGB")
+    w, h = image.size
+    return image.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
+
+
+@pytest.mark.parametrize("size", [(160, 128), (150, 101)])  # a multiple of 16, and one that needs padding
+def test_piqe_matches_the_per_block_algorithm(size: tuple[int, int]) -> None:
+    image = Image.fromarray(data.astronaut()).resize(size, Image.Resampling.BICUBIC)
+    noisy = _noisy(image, 12)
+    for img in (image, noisy, image.filter(ImageFilter.GaussianBlur(1.5))):
+        assert piqe(img) == pytest.approx(_piqe_loop(img), rel=1e-9)
+
+
+def test_piqe_range_and_mapping() -> None:
+    assert piqe(Image.new("RGB", (64, 64), (90, 120, 30))) == 100.0  # uniform: no active block
+    assert 0 < piqe(Image.fromarray(data.coffee())) < 100
+    assert piqe_to_mos(0) == 5.0 and piqe_to_mos(50) == 3.0 and piqe_to_mos(100) == 1.0
+    assert piqe_to_mos(130) == 1.0  # the published pooling can pass 100; the scale stays 1-5
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea"])
+def test_piqe_ranks_pristine_above_increasing_blur(name: str) -> None:
+    image = Image.fromarray(getattr(data, name)())
+    scores = [piqe(image)] + [piqe(image.filter(ImageFilter.GaussianBlur(s))) for s in (1, 2, 4)]
+    assert scores == sorted(scores) and scores[0] < scores[-1], scores
+
+
+@pytest.mark.parametrize("photo", ["plasma-ColorfulCups.jpg", "lxqt-fog.jpg"])
+def test_piqe_ranks_a_real_photo_above_its_blurred_and_noisy_versions(photos_dir: Path, photo: str) -> None:
+    # Native-resolution 1024 px centres of photos in focus throughout. (On photos with large smooth or
+    # bokeh areas, mild noise can *lower* PIQE: it activates flat blocks; see qprobe.eval.baselines.)
+    image = _centre(photos_dir / photo)
+    pristine = piqe(image)
+    blurred = [piqe(image.filter(ImageFilter.GaussianBlur(s))) for s in (1, 2, 4)]
+    noisy = [piqe(_noisy(image, s)) for s in (5, 10, 20)]
+    assert pristine < blurred[0] < blurred[1] <= blurred[2], blurred
+    assert pristine < noisy[0] < noisy[1] < noisy[2], noisy
+    patch = PiqeScorer("patch", tile=256)
+    assert patch(image).score > patch(image.filter(ImageFilter.GaussianBlur(2))).score
+    assert patch(image).score > patch(_noisy(image, 10)).score
+
+
+def test_patch_probe_finds_a_local_noise_tile() -> None:
+    base = Image.fromarray(data.coffee())  # 600x400, native
+    box = (256, 0, 384, 128)
+    damaged = base.copy()
+    damaged.paste(_noisy(base.crop(box), 40, seed=1), box[:2])
+    probe = PiqeScorer("patch", tile=128, worst=1)
+    clean, found = probe(base), probe(damaged)
+    assert found.defects == [{"type": "noise", "bbox": list(box)}]
+    assert found.score < clean.score
+    # Global PIQE dilutes the same local damage over the whole photo.
+    assert abs(piqe(damaged) - piqe(base)) < abs(found.raw - clean.raw)
+
+
+def test_patch_probe_does_not_rank_featureless_tiles() -> None:
+    # Left half textured, right half flat: a flat tile would score 100 if it were ranked.
+    texture = Image.fromarray(data.astronaut()).resize((512, 512))
+    image = Image.new("RGB", (1024, 512), (128, 128, 128))
+    image.paste(texture, (0, 0))
+    tiles = piqe_tiles(piqe_blocks(image), tile=256)
+    assert tiles and all(t.box[2] <= 512 for t in tiles)
+    flat = PiqeScorer("patch", tile=256)(Image.new("RGB", (512, 512), (10, 200, 10)))
+    assert flat.raw == 100.0 and flat.defects == []  # no tile to rank: judged as a whole
+
+
+def test_piqe_scorer_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        PiqeScorer("local")
+    with pytest.raises(ValueError, match="tile"):
+        PiqeScorer("patch", tile=8)
+
+
+def test_agent_scorer_with_and_without_the_tool() -> None:
+    image = Image.fromarray(data.coffee())
+    config = RolloutConfig(global_max_pixels=112 * 112, crop_max_pixels=112 * 112, max_crops=3, max_new_tokens=200)
+    with_tool = AgentScorer(ScriptedBackend(), config)(image)
+    assert with_tool.score is not None and with_tool.outcome == "answer"
+    assert with_tool.cost["crops"] == 1 and with_tool.cost["turns"] == 2 and len(with_tool.crops) == 1
+    assert with_tool.cost["crop_visual_tokens"] > 0
+    assert with_tool.defects[0]["type"] == "blur" and len(with_tool.defects[0]["bbox"]) == 4
+    # The tool disabled: the crop request is refused, the model answers from the global view alone.
+    config_off = replace(config, max_crops=0)
+    without = AgentScorer(ScriptedBackend(), config_off, name="no_tool")(image)
+    assert without.score is not None and without.cost["crops"] == 0 and without.crops == []
+    assert without.cost["visual_tokens"] == without.cost["global_visual_tokens"]
+    assert 0 < without.cost["visual_ratio"] < with_tool.cost["visual_ratio"]
+
+
+def test_agent_scorer_survives_the_random_tiny_model(tiny_model_dir: Path) -> None:
+    from qprobe.agent.backends import TransformersBackend
+
+    config = RolloutConfig(global_max_pixels=112 * 112, crop_max_pixels=112 * 112, max_crops=0, max_new_tokens=8)
+    prediction = AgentScorer(TransformersBackend(str(tiny_model_dir)), config)(Image.fromarray(data.chelsea()))
+    assert prediction.score is None and prediction.failure is not None
+    assert prediction.cost["generated_tokens"] <= 8 and prediction.trace is not None

@@ -1,0 +1,197 @@
+"""``qprobe evaluate`` end to end on a tiny bench: the random tiny model (parse failures everywhere,
+which must be counted and survived) and a scripted model that follows the protocol."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from fixtures_eval import ScriptedBackend, make_bench
+
+from qprobe.config import ConfigError
+from qprobe.errors import QProbeError
+from qprobe.eval.runner import (
+    EvaluateConfig,
+    evaluate,
+    load_sets,
+    main,
+    parse_args,
+    training_curves,
+)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bench(tmp_path_factory.mktemp("eval") / "bench", num_images=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One MLflow store for the module (creating one takes seconds); each test has its own experiment."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    yield
+    if before is None:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(autouse=True)
+def _own_experiment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", request.node.name[:60])
+
+
+def _flags(bench: Path, out: Path) -> list[str]:
+    # Defaults from the dataclass, not from the repository's params.yaml: the test sets what it needs.
+    params = bench.parent / "params.yaml"
+    params.write_text("evaluate: {}\n")
+    return ["--params", str(params), "--data", str(bench), "--split", "all", "--out", str(out),
+            "--metrics", str(out / "evaluate.json"),
+            "--global-max-pixels", "12544", "--crop-max-pixels", "12544", "--max-new-tokens", "8",
+            "--bootstrap", "50", "--piqe-tile", "256", "--crop-bias-images", "1", "--crop-bias-crops", "2",
+            "--repeat-images", "1", "--repeat-runs", "2", "--bokeh-limit", "1", "--gallery", "2"]
+
+
+def _config(bench: Path, out: Path, *extra: str) -> EvaluateConfig:
+    return parse_args([*_flags(bench, out), *extra])
+
+
+def _stage_runs() -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"])
+    return client.search_runs([experiment.experiment_id], filter_string="tags.`qprobe.stage` = 'evaluate'")
+
+
+def test_random_tiny_model_end_to_end(bench: Path, tiny_model_dir: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    photos = os.environ.get("QPROBE_PHOTOS")
+    extra = ["--bokeh-dir", photos] if photos else []
+    # A few tokens, no tool-less twin (the scripted run below has it): every rollout of the random model
+    # is a parse failure anyway.
+    assert main(["--model", str(tiny_model_dir), *_flags(bench, out), "--max-new-tokens", "4",
+                 "--crop-bias-crops", "1", "--baselines", "[piqe, piqe_patch]", *extra]) == 0
+    assert "evaluate bench: SRCC n/a, answer rate 0.000" in capsys.readouterr().out
+
+    metrics = json.loads((out / "evaluate.json").read_text())
+    assert all(isinstance(v, float | type(None)) for v in metrics.values())  # flat: dvc metrics diff
+    assert metrics["bench.images"] == 8 and metrics["bench.skipped"] == 0
+    assert not any(".no_tool." in k for k in metrics)
+    for method in ("qprobe",):
+        assert metrics[f"bench.{method}.answer_rate"] == 0 and metrics[f"bench.{method}.srcc"] is None
+        outcomes = sum(v for k, v in metrics.items() if k.startswith(f"bench.{method}.outcome."))
+        failures = sum(v for k, v in metrics.items() if k.startswith(f"bench.{method}.failure."))
+        assert outcomes == failures == 8
+        assert metrics[f"bench.{method}.cost.generated_tokens"] <= 4
+        assert 0 < metrics[f"bench.{method}.cost.visual_ratio"] < 1
+        assert metrics[f"bench.{method}.loc.recall"] == 0  # no answer, no box
+    assert metrics["bench.piqe.answer_rate"] == 1 and metrics["bench.piqe.srcc"] is not None
+    assert metrics["bench.piqe.srcc_low"] <= metrics["bench.piqe.srcc"] <= metrics["bench.piqe.srcc_high"]
+    assert metrics["probes.crop_bias.piqe.answered_pairs"] == 1
+    assert metrics["probes.crop_bias.qprobe.answered_pairs"] == 0
+    assert metrics["probes.repeat.qprobe.runs"] == 2
+    assert ("probes.bokeh.piqe.photos" in metrics) == bool(photos)
+
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert len(predictions) == 8 * 3 and set(predictions["method"]) == {"qprobe", "piqe", "piqe_patch"}
+    assert predictions.loc[predictions["method"] == "qprobe", "failure"].notna().all()
+    assert len((out / "traces.jsonl").read_text().splitlines()) == 8
+    scatter = pd.read_csv(out / "plots" / "scatter_bench.csv")  # wide: one column per method, for dvc plots
+    assert list(scatter.columns) == ["id", "mos", "has_defect", "qprobe", "piqe", "piqe_patch"]
+    assert len(scatter) == 8 and scatter["qprobe"].isna().all() and scatter["piqe"].notna().all()
+    groups = pd.read_csv(out / "plots" / "groups_bench.csv")
+    assert {"by", "group", "n", "qprobe_srcc", "piqe_mae", "piqe_patch_srcc"} <= set(groups.columns)
+    assert set(groups["by"]) == {"type", "severity"} and "pristine" in set(groups["group"])
+    assert not list((out / "plots").glob("curves_*.csv"))
+    report = (out / "report.html").read_text()
+    assert "unanswered" in report and "No MLflow run of the training stages" in report
+
+    (run,) = _stage_runs()
+    assert run.data.metrics["bench.piqe.answer_rate"] == 1
+    assert run.data.params["model"] == str(tiny_model_dir)
+    from mlflow.tracking import MlflowClient
+
+    artifacts = {a.path for a in MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(run.info.run_id)}
+    assert {"report.html", "evaluate.json", "predictions.csv", "plots"} <= artifacts
+
+
+def _log_training_runs() -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow.set_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
+    for stage, key in (("stage1", "train/reward"), ("stage2", "train/loss"), ("stage3", "train/reward")):
+        with mlflow.start_run(run_name=stage, tags={"qprobe.stage": stage}):
+            for step in range(5):
+                mlflow.log_metric(key, 0.2 * step if "reward" in key else 2.0 - 0.3 * step, step=step)
+            mlflow.log_metric("train/learning_rate", 1e-5)  # not a curve of the report
+
+
+def test_scripted_model_end_to_end_with_training_curves(bench: Path, tmp_path: Path) -> None:
+    _log_training_runs()
+    out = tmp_path / "out"
+    result = evaluate(_config(bench, out, "--max-new-tokens", "200"), backend=ScriptedBackend())
+    metrics = result.metrics
+    assert metrics["bench.qprobe.answer_rate"] == 1 and metrics["bench.no_tool.answer_rate"] == 1
+    assert math.isfinite(metrics["bench.qprobe.srcc"]) and metrics["bench.qprobe.outcome.answer"] == 8
+    assert metrics["bench.qprobe.cost.crops"] == 1 and metrics["bench.no_tool.cost.crops"] == 0
+    assert metrics["bench.qprobe.cost.turns"] == 2
+    assert metrics["bench.qprobe.cost.visual_ratio"] > metrics["bench.no_tool.cost.visual_ratio"]
+    # One predicted box per image: false alarms on the pristine images, some IoU on the others.
+    assert metrics["bench.qprobe.loc.false_alarm_rate"] == 1
+    assert metrics["bench.qprobe.loc.predicted_boxes"] == 8 and metrics["bench.qprobe.loc.mean_iou"] >= 0
+    assert metrics["probes.crop_bias.qprobe.answered_pairs"] == 2
+    assert metrics["probes.repeat.qprobe.answer_rate"] == 1 and metrics["probes.repeat.qprobe.mean_std"] > 0
+    assert any(k.startswith("bench.qprobe.type.") for k in metrics)
+    assert any(k.startswith("bench.qprobe.severity.") for k in metrics)
+
+    curves = pd.read_csv(out / "plots" / "curves_stage1.csv")
+    assert list(curves.columns) == ["step", "train/reward"] and list(curves["step"]) == [0, 1, 2, 3, 4]
+    assert list(pd.read_csv(out / "plots" / "curves_stage2.csv").columns) == ["step", "train/loss"]
+    report = (out / "report.html").read_text()
+    assert 'alt="training curves"' in report and "worst</h3>" in report and "best</h3>" in report
+    assert {p.name for p in (out / "plots").iterdir()} == {
+        "scatter_bench.png", "groups_bench.png", "reward_curves.png", "scatter_bench.csv", "groups_bench.csv",
+        "curves_stage1.csv", "curves_stage2.csv", "curves_stage3.csv"}
+    probes = json.loads((out / "probes.json").read_text())
+    assert set(probes) == {"crop_bias", "repeat"} and probes["repeat"]["qprobe"]["rows"][0]["std"] > 0
+
+
+def test_training_curves_without_runs_or_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert training_curves([]) is None
+    assert training_curves(["stage1"]) is None  # no such experiment yet
+    broken = tmp_path / "mlflow.db"
+    broken.write_text("not a database")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{broken}")
+    assert training_curves(["stage1"]) is None  # a store that cannot be read: no curves, no failure
+
+
+def test_several_manifests_after_one_flag(bench: Path, tmp_path: Path) -> None:
+    cfg = parse_args(["--data", str(bench), str(bench / "manifest.parquet"), "--split", "all", "--limit", "3"])
+    sets = load_sets(cfg)
+    assert [s.name for s in sets] == ["bench", "bench-2"]
+    assert [len(s.rows) for s in sets] == [3, 3]
+    assert list(sets[0].rows["id"]) == list(sets[1].rows["id"])  # the same seeded sample
+    assert parse_args(["--data", "[a, b]"]).data == ["a", "b"]
+    assert parse_args(["--data", "one"]).data == ["one"]
+
+
+def test_a_missing_split_names_the_splits_present(bench: Path, tmp_path: Path) -> None:
+    cfg = _config(bench, tmp_path, "--split", "holdout")
+    with pytest.raises(QProbeError, match=r"no rows in split 'holdout' \(splits present: .*train.*--split all"):
+        load_sets(cfg)
+
+
+def test_bad_settings_are_config_errors(bench: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown baseline 'niqe'"):
+        _config(bench, tmp_path, "--baselines", "[piqe, niqe]")
+    with pytest.raises(ConfigError, match="crop_bias_crops"):
+        _config(bench, tmp_path, "--crop-bias-crops", "6")
