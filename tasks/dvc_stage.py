@@ -46,12 +46,22 @@ class StageResult:
 
 
 def stage_order(root: str | Path) -> list[str]:
-    """Stage names in ``dvc.yaml`` order (the file is written in dependency order)."""
+    """The stages of ``dvc.yaml`` in dependency order (DVC's graph), ties kept in file order."""
+    import networkx as nx
+    from dvc.repo import Repo
+
     path = Path(root) / "dvc.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no dvc.yaml (is this the repository root?)")
-    stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
-    return list(stages)
+    names = list((yaml.safe_load(path.read_text()) or {}).get("stages") or {})
+    position = {name: i for i, name in enumerate(names)}
+    with Repo(str(root)) as repo:
+        # Edges run from a stage to what it depends on; reversed, a topological sort runs inputs first.
+        # Stage.addressing is relative to the working directory; the name is not.
+        graph = nx.DiGraph((getattr(a, "name", None), getattr(b, "name", None)) for a, b in repo.index.graph.edges)
+    graph.add_nodes_from(names)
+    graph = graph.subgraph(names).reverse()
+    return list(nx.lexicographical_topological_sort(graph, key=lambda name: position[name]))
 
 
 def lock_entry(root: str | Path, stage: str) -> dict[str, Any]:

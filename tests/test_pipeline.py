@@ -85,3 +85,16 @@ def test_cli_entry_point_runs_flow_module(repo_copy: Path) -> None:
     help_text = subprocess.run([sys.executable, "-m", "flows.pipeline", "--help"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout
     assert "--stages" in help_text and "--profile" in help_text
+
+
+def test_stage_order_is_dependency_order_whatever_the_file_order(tmp_path: Path) -> None:
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    assert dvc(["init", "-q"], tmp_path).returncode == 0
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        "  report: {cmd: cat b > c, deps: [b], outs: [c]}\n"
+        "  first: {cmd: echo x > a, outs: [a]}\n"
+        "  middle: {cmd: cat a > b, deps: [a], outs: [b]}\n"
+        "  lonely: {cmd: echo y > d, outs: [d]}\n")
+    # Ready stages go in file order: report (file position 0) is ready before lonely (3).
+    assert stage_order(tmp_path) == ["first", "middle", "report", "lonely"]
