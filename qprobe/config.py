@@ -132,7 +132,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 
 def _parse_flag(text: str, tp: Any, flag: str) -> Any:
     """Parse a command-line string as YAML (so lists and numbers work), then type-check it."""
-    inner, _ = _optional_inner(tp)
+    inner, optional = _optional_inner(tp)
+    if optional and text.lower() in ("null", "none", "~"):
+        return None
     if inner is str:
         return text
     try:

@@ -82,9 +82,10 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None,
     commit = git_commit()
     if commit:
         all_tags["mlflow.source.git.commit"] = commit
-    if mlflow.active_run() is not None and parent is None:
-        parent = mlflow.active_run().info.run_id
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=all_tags) as run:
+    active = mlflow.active_run()
+    if active is not None and parent is None:
+        parent = active.info.run_id
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=active is not None, tags=all_tags) as run:
         if params:
             mlflow.log_params({k: _param_value(v) for k, v in _public(params).items()})
         yield run

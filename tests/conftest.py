@@ -9,6 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures_services import services_config, stop_and_check
+
+from qprobe import services as S
 
 for _key, _value in {
     "DO_NOT_TRACK": "true",
@@ -210,3 +213,36 @@ def taught_model(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     processor.save_pretrained(taught.path)
     return taught
 
+
+
+# --- local services (SeaweedFS S3, MLflow server): one set for the whole session --------------------
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S.ServicesConfig]:
+    """One SeaweedFS for the session; the MLflow fixture adds its server to the same folder."""
+    cfg = services_config(tmp_path_factory.mktemp("services"), "s3")
+    S.start_services(cfg)
+    yield cfg
+    stop_and_check(cfg)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3: S.ServicesConfig) -> S.ServicesConfig:
+    """The session's services with an MLflow server too: `up` keeps the healthy S3 and adds MLflow."""
+    cfg = dataclasses.replace(s3, roles="s3,mlflow")
+    S.start_services(cfg)
+    return cfg
+
+
+@pytest.fixture
+def aws_env(s3: S.ServicesConfig, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """The services' variables in this process, as `source .services/env` sets them in a shell."""
+    from qprobe import storage
+
+    env = S.service_env(s3)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    storage.client.cache_clear()
+    yield env
+    storage.client.cache_clear()

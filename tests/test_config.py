@@ -39,6 +39,7 @@ def test_flags_parse_lists_and_null(tmp_path: Path) -> None:
     params = _params(tmp_path, "demo: {}\n")
     cfg = parse_config(Demo, "demo", ["--params", str(params), "--types", "[a, b]", "--limit", "4"])
     assert cfg.types == ["a", "b"] and cfg.limit == 4
+    assert parse_config(Demo, "demo", ["--params", str(params), "--limit", "null"]).limit is None
 
 
 @pytest.mark.parametrize(

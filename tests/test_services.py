@@ -15,67 +15,17 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from fixtures_dvc import STAGE, dvc, make_dvc_repo, run
+from fixtures_services import services_config, stop_and_check
 
 from qprobe import services as S
 from qprobe.config import ConfigError
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process bookkeeping reads /proc")
-
-
-def _config(folder: Path, roles: str) -> S.ServicesConfig:
-    taken: set[int] = set()
-    ports = []
-    for with_grpc in (True, False, False):
-        port = S.free_port(with_grpc=with_grpc, exclude=frozenset(taken))
-        taken |= {port, port + S.GRPC_OFFSET}
-        ports.append(port)
-    return S.ServicesConfig(roles=roles, dir=str(folder), s3_port=ports[0], mlflow_port=ports[1],
-                            prefect_port=ports[2], prefect_ui=False, timeout=180)
-
-
-def _stop_and_check(cfg: S.ServicesConfig) -> None:
-    every = dataclasses.replace(cfg, roles=",".join(S.ROLES))
-    recorded = S.load_state(every).values()
-    S.stop_services(every)
-    for service in recorded:
-        assert not service.pids(), f"{service.role} left processes {service.pids()}"
-    assert not (cfg.root / S.STATE_FILE).exists()
-
-
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S.ServicesConfig]:
-    """One SeaweedFS for the session; the MLflow fixture adds its server to the same folder."""
-    cfg = _config(tmp_path_factory.mktemp("services"), "s3")
-    S.start_services(cfg)
-    yield cfg
-    _stop_and_check(cfg)
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(s3: S.ServicesConfig) -> S.ServicesConfig:
-    """The session's services with an MLflow server too: `up` keeps the healthy S3 and adds MLflow."""
-    cfg = dataclasses.replace(s3, roles="s3,mlflow")
-    S.start_services(cfg)
-    return cfg
-
-
-@pytest.fixture
-def aws_env(s3: S.ServicesConfig, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """The services' variables in this process, as `source .services/env` sets them in a shell."""
-    from qprobe import storage
-
-    env = S.service_env(s3)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    storage.client.cache_clear()
-    yield env
-    storage.client.cache_clear()
 
 
 def test_config_is_validated() -> None:
@@ -156,7 +106,7 @@ def test_the_cluster_script_runs_a_stage_like_a_pod(s3: S.ServicesConfig, aws_en
 
 
 def test_cli_cycle_idempotent_up_stale_pid_and_down(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = _config(tmp_path / "svc", "s3")
+    cfg = services_config(tmp_path / "svc", "s3")
     flags = ["--roles", "s3", "--dir", cfg.dir, "--s3-port", str(cfg.s3_port)]
     assert S.main(["up", *flags]) == 0
     out = capsys.readouterr().out
@@ -247,7 +197,7 @@ def test_credentials_never_become_mlflow_params_or_tags(mlflow_server: S.Service
 @pytest.mark.slow
 def test_prefect_server_role(tmp_path: Path) -> None:
     """A Prefect server (10-40 s cold); it accepts the Kubernetes work-pool template of infra/."""
-    cfg = _config(tmp_path / "svc", "prefect")
+    cfg = services_config(tmp_path / "svc", "prefect")
     try:
         started = S.start_services(cfg)["prefect"]
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -263,4 +213,4 @@ def test_prefect_server_role(tmp_path: Path) -> None:
             assert json.loads(response.read())["base_job_template"]["variables"]["properties"]["gpu_count"]
         assert started.memory_mb() > 50 and started.startup_s is not None
     finally:
-        _stop_and_check(cfg)
+        stop_and_check(cfg)
