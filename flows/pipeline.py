@@ -1,4 +1,4 @@
-"""The Q-Probe pipeline flow: every stage of ``dvc.yaml``, in order, under one MLflow parent run.
+"""The Q-Probe pipeline flow: every stage of ``dvc.yaml``, in dependency order, under one MLflow parent run.
 
 Each stage runs as ``dvc repro --single-item STAGE`` (see :mod:`tasks.dvc_stage`), so a flow run and a
 plain ``dvc repro`` share one cache: run the flow twice and the second run does no stage work; after
@@ -11,6 +11,7 @@ Run it::
     python -m flows.pipeline                      # all stages, embedded default profile
     python -m flows.pipeline --stages bench       # a subset, in dvc.yaml order
     python -m flows.pipeline --profile paper      # switch params.yaml to configs/paper.yaml first
+    python -m flows.pipeline --profile paper --target kubernetes --image ghcr.io/ORG/qprobe:TAG
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from prefect.runtime import flow_run
 from qprobe.config import repo_root
 from qprobe.profiles import apply_profile
 from qprobe.tracking import stage_run, tracking_uri
-from tasks.dvc_stage import StageResult, run_stage, stage_order
+from tasks.dvc_stage import StageResult, launch_stage, run_stage, stage_order
+
+# The stages that want accelerators; with a cluster target they run there, the rest run here.
+GPU_STAGES = ("stage1", "stage2", "stage3")
 
 
 def _metrics_of(root: Path, result: StageResult) -> dict[str, float]:
@@ -84,8 +88,14 @@ def _summary_markdown(results: list[StageResult], metrics: dict[str, float], par
 
 @flow(name="qprobe-pipeline", log_prints=True)
 def pipeline(stages: list[str] | None = None, profile: str | None = None, force: bool = False,
-             root: str | None = None) -> dict[str, Any]:
-    """Run ``stages`` (default: all of dvc.yaml) in dvc.yaml order under one MLflow parent run."""
+             root: str | None = None, target: str = "local", cluster_stages: list[str] | None = None,
+             launch_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``stages`` (default: all of dvc.yaml) in dependency order under one MLflow parent run.
+
+    ``target`` ``kubernetes`` or ``skypilot`` sends ``cluster_stages`` (default: the training stages)
+    to that cluster through ``qprobe launch`` (``launch_options``: fields of
+    :class:`qprobe.launch.LaunchConfig`, e.g. image and gpus); every other stage runs here.
+    """
     logger = get_run_logger()
     root_path = Path(root) if root else repo_root()
     # The stages and this parent run must write to the same store, whatever the working directory.
@@ -106,8 +116,12 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
                                 "force": force},
                    tags={"prefect.flow_run_id": str(flow_run.get_id() or "")}, root=root_path) as parent:
         parent_id = parent.info.run_id
+        remote = set(cluster_stages or GPU_STAGES) if target != "local" else set()
         for stage in selected:
-            results.append(run_stage(stage, str(root_path), parent_id, stage_env, force=force))
+            if stage in remote:
+                results.append(launch_stage(stage, target, str(root_path), parent_id, launch_options))
+            else:
+                results.append(run_stage(stage, str(root_path), parent_id, stage_env, force=force))
         metrics: dict[str, float] = {}
         for result in results:
             metrics.update(_metrics_of(root_path, result))
@@ -126,8 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stages", nargs="+", help="stages to run (default: all, in dvc.yaml order)")
     parser.add_argument("--profile", help="apply configs/PROFILE.yaml to params.yaml first (e.g. paper)")
     parser.add_argument("--force", action="store_true", help="re-run stages even when DVC finds them up to date")
+    parser.add_argument("--target", default="local", choices=["local", "kubernetes", "skypilot"],
+                        help="where the training stages run (the others always run here)")
+    parser.add_argument("--image", help="container image for a cluster target (default: $QPROBE_IMAGE)")
+    parser.add_argument("--gpus", type=int, help="GPUs per training stage on a cluster target")
     args = parser.parse_args(argv)
-    result = pipeline(stages=args.stages, profile=args.profile, force=args.force)
+    options = {k: v for k, v in {"image": args.image, "gpus": args.gpus}.items() if v is not None}
+    result = pipeline(stages=args.stages, profile=args.profile, force=args.force, target=args.target,
+                      launch_options=options)
     root = repo_root()
     print()
     print(f"Pipeline run {result['run_id']} finished: " +

@@ -97,6 +97,9 @@ class LaunchConfig:
     cluster: str = field(default="", metadata={"help": "SkyPilot cluster name (default: qprobe-STAGE)"})
     infra: str = field(default="", metadata={"help": "SkyPilot --infra (k8s, aws, gcp/us-central1, ...)"})
     kubectl: str = field(default="kubectl", metadata={"help": "kubectl executable"})
+    env: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "plain (non-secret) variables for the remote stage, e.g. QPROBE_PARENT_RUN_ID so its MLflow "
+                "run nests under the pipeline's"})
 
 
 @dataclass
@@ -154,7 +157,7 @@ def render_job(stage: str, cfg: LaunchConfig, repo: str, commit: str, name: str 
         "k8s/stage-job.yaml", name=name or job_name(stage, commit), namespace=cfg.namespace, stage=stage,
         stage_label=slug(stage), image=cfg.image, repo=repo, commit=commit, gpus=cfg.gpus, cpus=cfg.cpus,
         memory_gb=cfg.memory_gb, aws_secret=cfg.aws_secret, mlflow_secret=cfg.mlflow_secret,
-        script=render_script(cfg.install))
+        script=render_script(cfg.install), env=cfg.env)
 
 
 def render_sky_task(stage: str, cfg: LaunchConfig, repo: str, commit: str,
@@ -163,7 +166,8 @@ def render_sky_task(stage: str, cfg: LaunchConfig, repo: str, commit: str,
     return render_template(
         "skypilot/stage.yaml", name=slug(f"qprobe-{stage}"), stage=stage, image=cfg.image, repo=repo,
         commit=commit, accelerator=cfg.accelerator, gpus=cfg.gpus, cpus=cfg.cpus, memory_gb=cfg.memory_gb,
-        disk_size=cfg.disk_size, infra=cfg.infra, secrets=list(secrets), script=render_script(cfg.install))
+        disk_size=cfg.disk_size, infra=cfg.infra, secrets=list(secrets), script=render_script(cfg.install),
+        env=cfg.env)
 
 
 # --- validation --------------------------------------------------------------------------------------

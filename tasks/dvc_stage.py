@@ -117,3 +117,28 @@ def run_stage(stage: str, root: str, parent_run_id: str | None = None,
     result = repro_stage(stage, root, parent_run_id, extra_env, force)
     logger.info("stage %s %s in %.1f s", stage, "ran" if result.ran else "was up to date", result.seconds)
     return result
+
+
+@task(name="launch-stage", task_run_name="launch {stage} on {target}")
+def launch_stage(stage: str, target: str, root: str, parent_run_id: str | None = None,
+                 options: dict[str, Any] | None = None) -> StageResult:
+    """Run one stage on a cluster target through :func:`qprobe.launch.launch`, then fetch its outputs.
+
+    The remote run records its ``dvc.lock`` entry here (``write_lock``) and pushes its outputs; ``dvc
+    pull`` brings them into this workspace so later local stages find them. ``QPROBE_PARENT_RUN_ID``
+    travels with the job, so the stage's MLflow run nests under the pipeline's as a local one does.
+    """
+    from qprobe.config import from_dict
+    from qprobe.launch import LaunchConfig, launch
+
+    options = dict(options or {})
+    env = {**options.pop("env", {}), **({PARENT_ENV: parent_run_id} if parent_run_id else {})}
+    cfg = from_dict(LaunchConfig, {**options, "write_lock": True, "env": env}, "launch_options")
+    start = time.perf_counter()
+    launch(stage, target, cfg, root)
+    if target != "local":
+        pulled = dvc(["pull", stage], root)
+        if pulled.returncode != 0:
+            raise StageError(f"dvc pull {stage} after the {target} run failed: {pulled.stderr.strip()[-500:]}")
+    get_run_logger().info("stage %s ran on %s", stage, target)
+    return StageResult(stage=stage, ran=True, seconds=time.perf_counter() - start, lock=lock_entry(root, stage))
