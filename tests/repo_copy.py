@@ -20,6 +20,9 @@ def copy_repo(dest: Path, params: dict[str, dict] | None = None) -> Path:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
                            capture_output=True, text=True).stdout.split()
     for rel in files:
+        # A local run's lock and metrics would describe outputs the copy does not have.
+        if rel == "dvc.lock" or rel.startswith("metrics/"):
+            continue
         if (REPO / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dest / rel)
