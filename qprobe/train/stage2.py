@@ -1,0 +1,186 @@
+"""Stage 2: SFT on hybrid-resolution tool-use trajectories, Probe-CoT (``qprobe train stage2``).
+
+The model learns the agentic protocol itself: when to look closer, where to crop, how to read a crop
+against the global context, and how to answer with a score and defect boxes (see :func:`main`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from trl import SFTConfig, SFTTrainer
+
+from qprobe.agent.crop import DEFAULT_CROP_MAX_PIXELS
+from qprobe.config import parse_config
+from qprobe.errors import QProbeError
+from qprobe.train.common import StageArgs, check_pixel_budgets, load_dataset_dir, lora_config, run_stage
+
+
+@dataclass
+class Stage2Config(StageArgs, SFTConfig):
+    """trl's SFTConfig, the shared stage knobs (:class:`~qprobe.train.common.StageArgs`) and the held-out check."""
+
+    model: str = field(default="models/stage1", metadata={"help": "model to start from: stage 1's output"})
+    dataset: str = field(default="data/trajectories/sft", metadata={
+        "help": "Probe-CoT set (messages, images) from `qprobe trajectories`"})
+    out: str = field(default="models/stage2", metadata={"help": "folder of the final model"})
+    metrics: str = field(default="metrics/stage2.json", metadata={"help": "JSON file of the final metrics"})
+    output_dir: str = field(default="models/checkpoints/stage2", metadata={
+        "help": "checkpoints, one subfolder per configuration (not a DVC output)"})
+    assistant_only_loss: bool = field(default=True, metadata={
+        "help": "loss on the assistant turns only (the chat template's generation blocks); must stay true"})
+    kind_repeats: dict[str, int] = field(default_factory=lambda: {"low": 1, "high": 1}, metadata={
+        "help": "times each sample of a kind (low: one-turn low-resolution, high: multi-turn with crops) is "
+                "seen per epoch; 0 leaves the kind out. 1 and 1 keep the data's mix (2:1, the paper's)"})
+    crop_max_pixels: int = field(default=DEFAULT_CROP_MAX_PIXELS, metadata={
+        "help": "pixel budget the crops were sized to (the trajectories stage's)"})
+    max_crops: int = field(default=3, metadata={"help": "crop budget of the held-out rollouts (as in training)"})
+    heldout: str = field(default="data/trajectories/rl", metadata={
+        "help": "Probe-RL set: its prompts that no trained SFT sample shows check the trained model "
+                "(greedy rollouts through the crop tool)"})
+    heldout_bench: str = field(default="data/bench", metadata={
+        "help": "bench whose heldout_split (scenes never trained on) is checked too; empty: skip"})
+    heldout_split: str = field(default="val", metadata={"help": "the bench split held out from training"})
+    heldout_samples: int = field(default=12, metadata={"help": "photos to roll out from each held-out source"})
+    heldout_max_new_tokens: int = field(default=640, metadata={
+        "help": "token budget of one held-out rollout, all turns together"})
+
+    UNTRAINED_KEYS: ClassVar[frozenset[str]] = StageArgs.UNTRAINED_KEYS | {
+        "max_crops", "heldout", "heldout_bench", "heldout_split", "heldout_samples", "heldout_max_new_tokens"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.assistant_only_loss:
+            raise ValueError("stage 2 learns the assistant turns only: assistant_only_loss must stay true")
+        if self.heldout_samples < 1:
+            raise ValueError("heldout_samples must be at least 1")
+        if set(self.kind_repeats) != {"low", "high"} or min(self.kind_repeats.values()) < 0 \
+                or not any(self.kind_repeats.values()):
+            raise ValueError(f"kind_repeats must give low and high a count >= 0, not both 0: {self.kind_repeats}")
+
+
+def repeat_kinds(dataset: Any, repeats: Mapping[str, int]) -> Any:
+    """``dataset`` with the rows of each ``kind`` repeated ``repeats[kind]`` times (0: left out)."""
+    if all(n == 1 for n in repeats.values()):
+        return dataset
+    from datasets import concatenate_datasets
+
+    parts = [dataset.filter(lambda k, kind=kind: k == kind, input_columns="kind") for kind, n in repeats.items()
+             for _ in range(n)]
+    if sum(len(p) for p in parts) == 0:
+        raise QProbeError(f"kind_repeats {dict(repeats)} leaves no training sample")
+    return concatenate_datasets(parts)
+
+
+def unseen_prompts(rl_dir: str, trained_ids: set[str], n: int) -> list[tuple[str, Any]]:
+    """Up to ``n`` Probe-RL photos (id, original) whose prompt no trained SFT sample shows."""
+    from qprobe.io import load_image
+
+    rows = load_dataset_dir(rl_dir, ["id", "original"]).select_columns(["id", "original"])
+    picked: dict[str, str] = {}
+    for row in rows:
+        if row["id"] not in trained_ids and len(picked) < n:
+            picked.setdefault(row["id"], row["original"])
+    if not picked:
+        raise QProbeError(f"{rl_dir}: every prompt is also an SFT sample; nothing is held out")
+    return [(photo_id, load_image(path)) for photo_id, path in picked.items()]
+
+
+def new_scenes(bench: str, split: str, n: int) -> list[tuple[str, Any]]:
+    """Up to ``n`` photos (id, image) of the bench's ``split``: scenes no training set holds."""
+    from qprobe.data.manifest import image_path, read_manifest
+    from qprobe.io import load_image
+
+    manifest = read_manifest(bench)
+    rows = manifest[manifest["split"] == split].head(n)
+    if rows.empty:
+        raise QProbeError(f"{bench}: no photos in split {split!r} to check the model on")
+    return [(row.id, load_image(image_path(manifest.attrs["path"], row.image))) for row in rows.itertuples()]
+
+
+def rollout_metrics(backend: Any, photos: list[tuple[str, Any]], cfg: Stage2Config) -> dict[str, float]:
+    """Greedy rollouts of ``photos`` through the real crop tool, prompted exactly as inference prompts them.
+
+    ``format_adherence``: the share whose first turn, the model's answer to the prompt, passes the
+    protocol's strict check. ``tool_call_rate``: the share whose first turn calls the crop tool with a
+    box the tool accepts. ``rollout_adherence``: the share whose whole rollout is well-formed, every turn
+    strict, crop calls first and an answer last (what the format reward pays for in stage 3).
+    """
+    from qprobe.agent.protocol import format_ok
+    from qprobe.agent.rollout import RolloutConfig, rollout
+    from qprobe.rewards import well_formed
+
+    config = RolloutConfig(global_max_pixels=cfg.global_max_pixels, crop_max_pixels=cfg.crop_max_pixels,
+                           max_crops=cfg.max_crops, max_new_tokens=cfg.heldout_max_new_tokens, seed=cfg.seed)
+    first_ok = called = whole_ok = 0
+    for photo_id, image in photos:
+        trace = rollout(backend, image, config, source=photo_id)
+        first_ok += bool(trace.turns) and format_ok(trace.turns[0].text)
+        # A crop record exists only if the first turn was a crop call: later turns follow only a crop.
+        calls = trace.tool.calls if trace.tool is not None else []
+        called += bool(calls) and calls[0].error is None
+        whole_ok += well_formed(trace.messages)
+    n = len(photos)
+    return {"format_adherence": first_ok / n, "tool_call_rate": called / n, "rollout_adherence": whole_ok / n,
+            "heldout_samples": float(n)}
+
+
+def heldout_metrics(model_dir: Path, cfg: Stage2Config, trained_ids: set[str]) -> dict[str, float]:
+    """:func:`rollout_metrics` on Probe-RL prompts no trained sample shows, and (suffix ``_new_scenes``)
+    on the bench's held-out split, whose scenes no training set holds."""
+    from qprobe.agent.backends import TransformersBackend
+
+    backend = TransformersBackend(str(model_dir))
+    metrics = rollout_metrics(backend, unseen_prompts(cfg.heldout, trained_ids, cfg.heldout_samples), cfg)
+    if cfg.heldout_bench:
+        scenes = new_scenes(cfg.heldout_bench, cfg.heldout_split, cfg.heldout_samples)
+        metrics.update({f"{k}_new_scenes": v for k, v in rollout_metrics(backend, scenes, cfg).items()})
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stage 2: supervised fine-tuning on hybrid-resolution tool-use trajectories (Probe-CoT).
+
+    Algorithm. Plain next-token cross-entropy on Probe-CoT conversations, counted on the assistant turns
+    only (the package chat template marks them with ``{% generation %}``; trl's
+    ``assistant_only_loss``), so the model learns what it writes and never what it is shown. The set
+    mixes low- and high-resolution samples 2:1: a low-resolution photo is answered from its global view
+    in one turn; a high-resolution one is a multi-turn trajectory (global impression, a crop call, the
+    crop at native resolution in a tool turn, local scrutiny checked against the global context, ...,
+    the answer with score and defect boxes), so the model learns *when* cropping pays off as well as
+    how. Global views and crops keep the separate pixel budgets the trajectories stage gave them: the
+    processor takes them as they are.
+
+    Afterwards, greedy rollouts of the saved model, prompted exactly like inference, measure
+    ``format_adherence`` and ``tool_call_rate`` of its first turn and ``rollout_adherence`` of whole
+    rollouts on Probe-RL prompts that no trained sample shows, and the same with suffix
+    ``_new_scenes`` on the bench's ``val`` split, scenes no training set holds (:func:`heldout_metrics`).
+
+    Starts from stage 1's output and writes the trained model to ``out``. Run it::
+
+        qprobe train stage2                                  # params.yaml `stage2:`
+        qprobe train stage2 --max-steps 50 --learning-rate 2.0e-3
+        accelerate launch --config_file infra/accelerate/zero3.yaml -m qprobe.cli train stage2
+    """
+    cfg = parse_config(Stage2Config, "stage2", argv, prog="qprobe train stage2", description=main.__doc__)
+    dataset = load_dataset_dir(cfg.dataset, ["id", "messages", "kind"])
+    check_pixel_budgets(dataset, cfg.global_max_pixels, cfg.crop_max_pixels)
+    dataset = repeat_kinds(dataset, cfg.kind_repeats)
+    trained_ids = set(dataset["id"])
+
+    def make_trainer(model_path: Path, processor: Any) -> SFTTrainer:
+        # Every image sits in its turn's block (crops in tool turns): trl's own collator takes them from there.
+        return SFTTrainer(model=str(model_path), args=cfg, train_dataset=dataset, processing_class=processor,
+                          peft_config=lora_config(cfg))
+
+    heldout = {"heldout": cfg.heldout, **({"heldout_bench": cfg.heldout_bench} if cfg.heldout_bench else {})}
+    metrics = run_stage("stage2", cfg, make_trainer, evaluate=lambda out: heldout_metrics(out, cfg, trained_ids),
+                        eval_inputs=heldout)
+    if cfg.is_main:
+        print(f"stage2: {int(metrics['global_step'])} steps in {metrics['seconds']:.0f} s; held-out prompts: "
+              f"format adherence {metrics['format_adherence']:.0%}, tool-call rate {metrics['tool_call_rate']:.0%}, "
+              f"whole rollouts {metrics['rollout_adherence']:.0%} -> {cfg.out}")
+    return 0

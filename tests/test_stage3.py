@@ -1,0 +1,373 @@
+"""Stage 3: multi-turn crop-tool rollouts through trl's GRPOTrainer, the decoupled and joint rewards, a real run."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import yaml
+from datasets import Dataset, Features, Image, List, Value
+from trl.trainer.utils import get_callable_name
+
+from qprobe.agent import protocol
+from qprobe.agent.crop import CropTool, global_view
+from qprobe.config import parse_config
+from qprobe.errors import QProbeError
+from qprobe.io import load_image
+from qprobe.models.factory import load_model
+from qprobe.train import common, stage3
+from qprobe.train.common import stage_processor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RL_FEATURES = Features({
+    "id": Value("string"), "source": Value("string"), "split": Value("string"),
+    "prompt": List({"role": Value("string"), "name": Value("string"),
+                    "content": List({"type": Value("string"), "text": Value("string")})}),
+    "images": List(Image()), "mos": Value("float64"), "mos_std": Value("float64"), "has_defect": Value("bool"),
+    "defects": List({"type": Value("string"), "severity": Value("int64"), "bbox": List(Value("int64"))}),
+    "original": Value("string"), "width": Value("int64"), "height": Value("int64"),
+})
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Any:
+    """`qprobe train stage3` sets torch's thread count (torch_threads); in a test it must not outlive the test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def taught_set(taught_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Probe-RL set on the taught model's photo, laid out as `qprobe trajectories` writes it (4 rows)."""
+    image = load_image(taught_model.image_path)
+    view, _ = global_view(image, taught_model.global_max_pixels)
+    prompt = [{"role": m["role"], "name": None,
+               "content": [{"type": b["type"], "text": b.get("text")} for b in m["content"]]}
+              for m in protocol.global_turn(view, image.size, taught_model.max_crops)]
+    rows = [{"id": f"photo-{i}", "source": "photo", "split": "train", "prompt": prompt, "images": [view],
+             "mos": mos, "mos_std": 0.5, "has_defect": True,
+             "defects": [{"type": "blur", "severity": 3, "bbox": [171, 91, 343, 263]}],
+             "original": str(taught_model.image_path), "width": image.width, "height": image.height}
+            for i, mos in enumerate([3.75, 2.0, 4.5, 3.0])]
+    out = tmp_path_factory.mktemp("rl") / "rl"
+    Dataset.from_list(rows, features=RL_FEATURES).save_to_disk(str(out))
+    return out
+
+
+def section(**overrides: Any) -> dict[str, Any]:
+    values = dict(yaml.safe_load((ROOT / "params.yaml").read_text())["stage3"])
+    values.update(overrides)
+    return values
+
+
+def config(tmp: Path, **overrides: Any) -> stage3.Stage3Config:
+    params = tmp / "params.yaml"
+    params.write_text(yaml.safe_dump({"stage3": section(**overrides)}))
+    return parse_config(stage3.Stage3Config, "stage3", ["--params", str(params)])
+
+
+def taught_overrides(taught_model: Any, dataset: Path, tmp: Path) -> dict[str, Any]:
+    """The embedded default on the taught model, its photo and budgets, shrunk to seconds; near-greedy."""
+    return {"model": str(taught_model.path), "dataset": str(dataset), "out": str(tmp / "model"),
+            "metrics": str(tmp / "m.json"), "output_dir": str(tmp / "checkpoints"),
+            "global_max_pixels": taught_model.global_max_pixels, "crop_max_pixels": taught_model.crop_max_pixels,
+            "max_crops": taught_model.max_crops, "num_generations": 2, "per_device_train_batch_size": 2,
+            "max_completion_length": 400, "top_k": 1, "max_steps": 2, "save_steps": 1}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rollout path, on trl's real GRPOTrainer
+
+
+def test_crop_reaches_the_model_and_tool_turns_are_masked(tmp_path: Path, taught_model: Any,
+                                                          taught_set: Path) -> None:
+    import torch
+
+    cfg = config(tmp_path, **taught_overrides(taught_model, taught_set, tmp_path))
+    torch.set_num_threads(cfg.torch_threads)  # as `qprobe train stage3` does
+    processor = stage_processor(taught_model.path)
+    report = stage3.RolloutReport(cfg, stop_ids=[processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id])
+    seen: dict[str, Any] = {}
+    record = report.record
+
+    def spy(prompts: Any, completions: Any, format_rewards: Any, **kwargs: Any) -> None:
+        seen.update(completions=completions, format_rewards=format_rewards, **kwargs)
+        record(prompts, completions, format_rewards, **kwargs)
+
+    report.record = spy  # what R_format (and the report) get from trl
+
+    tool = functools.partial(CropTool, global_max_pixels=cfg.global_max_pixels, crop_max_pixels=cfg.crop_max_pixels,
+                             max_calls=cfg.max_crops)
+    trainer = stage3.GRPOTrainer(model=str(taught_model.path), args=cfg,
+                                 reward_funcs=stage3.reward_functions(cfg, report),
+                                 train_dataset=Dataset.load_from_disk(str(taught_set)), processing_class=processor,
+                                 environment_factory=tool)
+    generations: list[Any] = []
+    generate = trainer._generate_single_turn
+
+    def record_generation(prompt_ids: Any, images: Any, multimodal_fields: Any, *args: Any, **kwargs: Any) -> Any:
+        generations.append({"images": images, "fields": multimodal_fields})
+        return generate(prompt_ids, images, multimodal_fields, *args, **kwargs)
+
+    trainer._generate_single_turn = record_generation
+    trainer.model.train()  # as in a training step: its metrics go to the "train" logs
+    rows = [trainer.train_dataset[0]] * 2  # one prompt, K = 2 rollouts, as trl's sampler repeats it
+    out = trainer._generate_and_score_completions(rows)
+
+    # Turn 1 saw the global view; turn 2 each rollout's global view *and its crop*, as pixels.
+    assert len(generations) >= 2
+    assert [len(images) for images in generations[0]["images"]] == [1, 1]
+    assert [len(images) for images in generations[1]["images"]] == [2, 2]
+    view, crop = generations[1]["images"][0]
+    assert view.size == (112, 84) and crop.size == (112, 112)
+    assert generations[1]["fields"]["image_grid_thw"].tolist() == [[1, 6, 8], [1, 8, 8]] * 2
+
+    # The reward saw the whole rollout: call, crop, answer; and each rollout's crop tool with its record.
+    for completion, env in zip(seen["completions"], seen["environments"], strict=True):
+        assert [m["role"] for m in completion] == ["assistant", "tool", "assistant"]
+        assert env.calls[0].view_box == tuple(map(float, taught_model.call_box))
+        assert env.calls[0].original_box == (160, 80, 480, 400)
+        answer = stage3.final_answer(completion)
+        assert answer is not None and answer.score == taught_model.score
+        assert [d.bbox for d in answer.defects] == [tuple(map(float, taught_model.defect_box))]
+
+    # Only the model's own tokens are learned: tool_mask zeroes exactly the tool turn, crop tokens included.
+    tokenizer = processor.tokenizer
+    ids, learned = out["completion_ids"][0], out["completion_mask"][0] * out["tool_mask"][0]
+    masked = tokenizer.decode(ids[(learned == 0) & (out["completion_mask"][0] == 1)])
+    assert masked.startswith("\n<|im_start|>user\n<tool_response>\n<|vision_start|>")
+    assert masked.count("<|image_pad|>") == 8 * 8 // 4
+    assert masked.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(ids[learned == 1]).count("<|im_end|>") == 2  # both assistant turns, their ends
+    assert "<tool_call>" in tokenizer.decode(ids[learned == 1]) and "<answer>" in tokenizer.decode(ids[learned == 1])
+    assert out["num_images"] == [2, 2]
+
+    # What the step logs: one call per rollout, none failed, a crop of a third of the photo, no truncation.
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert logged["rollouts/tool_calls_per_rollout"] == 1.0 and logged["tools/call_frequency"] == 1.0
+    assert logged["rollouts/tool_failure_rate"] == 0.0 and logged["rollouts/truncation_rate"] == 0.0
+    assert logged["rollouts/crop_area"] == pytest.approx(320 * 320 / (640 * 480))
+    assert logged["rewards/format_reward/mean"] == 1.0 and logged["rewards/localization/mean"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reward on hand-made rollouts: decoupled against joint, by hand
+
+
+def call(box: list[int]) -> dict[str, Any]:
+    """An assistant turn that calls the crop tool, as trl's response parser hands it to the rewards."""
+    return {"role": "assistant", "reasoning_content": "Check this region.", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "crop", "arguments": {"bbox_2d": box}}}]}
+
+
+def answer(score: float, box: list[int]) -> dict[str, Any]:
+    return {"role": "assistant", "reasoning_content": "Soft against its context.",
+            "content": protocol.render_answer(score, [protocol.Defect(tuple(box), "blur")])}
+
+
+@pytest.fixture
+def hand_made(tmp_path: Path) -> dict[str, Any]:
+    """Three rollouts on a 224x224 photo (its global view at 50176 pixels is the photo: boxes need no mapping).
+
+    MOS 3, one blur defect at [50, 0, 150, 100]; every answer scores 3.5 and boxes [0, 0, 100, 100]:
+    R_acc = exp(-0.5) = 0.60653, R_loc = IoU = 5000 / 15000 = 1/3.
+
+    * ``good``: a crop of [0, 0, 112, 112], then the answer: R_format 1;
+    * ``bad_box``: a crop outside the view (the tool answers ``error: ...``), then the same answer: R_format 0;
+    * ``unanswered``: a crop of [0, 0, 224, 112], then another call that never ran (out of turns): no answer.
+    """
+    from PIL import Image as PILImage
+
+    photo = PILImage.new("RGB", (224, 224), (120, 90, 60))
+    envs = [CropTool(photo, global_max_pixels=50176, crop_max_pixels=50176, max_calls=3) for _ in range(3)]
+    tool = {"role": "tool", "name": "crop"}
+    completions = [
+        [call([0, 0, 112, 112]), {**tool, "content": envs[0].crop([0, 0, 112, 112])}, answer(3.5, [0, 0, 100, 100])],
+        [call([300, 300, 400, 400]), {**tool, "content": envs[1].crop([300, 300, 400, 400])},
+         answer(3.5, [0, 0, 100, 100])],
+        [call([0, 0, 224, 112]), {**tool, "content": envs[2].crop([0, 0, 224, 112])}, call([0, 0, 50, 50])],
+    ]
+    end = 497  # <|im_end|>: every turn ended by itself
+    columns = {"mos": [3.0] * 3, "has_defect": [True] * 3, "width": [224] * 3, "height": [224] * 3,
+               "defects": [[{"type": "blur", "severity": 3, "bbox": [50, 0, 150, 100]}]] * 3,
+               "completion_ids": [[1, end]] * 3, "environments": envs}
+    return {"completions": completions, "columns": columns, "cfg": config(tmp_path)}
+
+
+ACC, LOC = math.exp(-0.5), 1 / 3
+
+
+def test_decoupled_reward_by_hand(hand_made: dict[str, Any]) -> None:
+    cfg = hand_made["cfg"]
+    assert cfg.reward_mode == "decoupled" and cfg.rewards == {"accuracy": 1.0, "localization": 0.5, "format": 0.5}
+    funcs = stage3.reward_functions(cfg)
+    values = {get_callable_name(f): f([None] * 3, hand_made["completions"], **hand_made["columns"]) for f in funcs}
+    assert values["accuracy"] == pytest.approx([ACC, ACC, 0.0])
+    assert values["localization"] == pytest.approx([LOC, LOC, 0.0])
+    # The bad box costs the format reward; so does the unanswered call.
+    assert values["format_reward"] == [1.0, 0.0, 0.0]
+    total = [sum(w * v for w, v in zip(cfg.reward_weights, column, strict=True))
+             for column in zip(*values.values(), strict=True)]
+    assert total == pytest.approx([ACC + 0.5 * LOC + 0.5, ACC + 0.5 * LOC, 0.0])
+    assert total == pytest.approx([1.27320, 0.77320, 0.0], abs=1e-5)
+
+
+def test_joint_reward_by_hand(hand_made: dict[str, Any], tmp_path: Path) -> None:
+    cfg = config(tmp_path, reward_mode="joint")
+    funcs = stage3.reward_functions(cfg)
+    assert cfg.reward_weights == [1.0] and len(funcs) == 1
+    logged: dict[str, float] = {}
+    values = funcs[0]([None] * 3, hand_made["completions"], log_metric=logged.__setitem__, **hand_made["columns"])
+    # R_acc (1 + R_loc) R_format: the bad box's accurate score and found defect earn nothing at all.
+    assert values == pytest.approx([ACC * (1 + LOC), 0.0, 0.0])
+    assert values[0] == pytest.approx(0.80871, abs=1e-5)
+    assert logged["rewards/accuracy/mean"] == pytest.approx(2 * ACC / 3)
+    assert logged["rewards/localization/mean"] == pytest.approx(2 * LOC / 3)
+    assert logged["rewards/format_reward/mean"] == pytest.approx(1 / 3)
+
+
+def test_report_counts_calls_failures_crops_and_truncation(hand_made: dict[str, Any]) -> None:
+    report = stage3.RolloutReport(hand_made["cfg"], stop_ids=[497, 0])
+    logged: dict[str, float] = {}
+    (format_reward,) = [f for f in stage3.reward_functions(hand_made["cfg"], report)
+                        if get_callable_name(f) == "format_reward"]
+    format_reward([None] * 3, hand_made["completions"], log_metric=logged.__setitem__, **hand_made["columns"])
+    rates = {"tool_calls_per_rollout": 1.0, "tool_failure_rate": 1 / 3, "truncation_rate": 1 / 3,
+             "crop_area": (0.25 + 0.5) / 2}
+    assert logged == pytest.approx({f"rollouts/{k}": v for k, v in rates.items()})
+    assert report.summary() == pytest.approx({"rollouts": 3, **rates})
+    facts = stage3.RolloutFacts.read(hand_made["completions"][0], None, [1, 2], frozenset({497, 0}))
+    assert facts.truncated  # out of tokens: the last token is no end of turn
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def test_params_sections_parse(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    trajectories = yaml.safe_load((ROOT / "params.yaml").read_text())["trajectories"]
+    assert cfg.use_cpu and not cfg.bf16 and cfg.resume == "auto" and not cfg.use_vllm
+    assert cfg.model == "models/stage2" and cfg.dataset == "data/trajectories/rl"
+    assert (cfg.global_max_pixels, cfg.crop_max_pixels, cfg.max_crops) == (
+        trajectories["global_max_pixels"], trajectories["crop_max_pixels"], trajectories["max_crops"])
+    assert cfg.max_tool_calling_iterations == cfg.max_crops + 1 and not cfg.log_completions
+
+    paper = {**section(), **yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())["stage3"]}
+    params = tmp_path / "paper.yaml"
+    params.write_text(yaml.safe_dump({"stage3": {**paper, "use_cpu": True}}))  # no GPU here
+    cfg = parse_config(stage3.Stage3Config, "stage3", ["--params", str(params)])
+    assert cfg.use_vllm and cfg.vllm_mode == "server" and cfg.bf16 and cfg.reward_mode == "decoupled"
+    assert cfg.global_max_pixels == cfg.crop_max_pixels == 1003520
+    assert cfg.max_completion_length >= cfg.max_crops * 1280  # every crop's tokens fit
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"reward_mode": "both"}, "reward_mode must be one of"),
+    ({"rewards": {"accuracy": 1.0, "thurstone": 1.0, "format": 1.0}}, "not 'thurstone'"),
+    ({"rewards": {"accuracy": 1.0}}, "needs 'format'"),
+    ({"reward_mode": "joint", "rewards": {"accuracy": 1.0, "format": 1.0}}, "needs 'localization'"),
+    ({"max_tool_calling_iterations": 9}, "set max_crops"),
+    ({"log_completions": True}, "crashes on the crop images"),
+    ({"use_vllm": True, "vllm_mode": "colocate"}, "vllm_mode: server"),
+    ({"reward_options": {"accuracy": {"sigma": 1}}}, "unknown option 'sigma'"),
+])
+def test_bad_configs_fail_clearly(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    with pytest.raises(QProbeError, match=message):  # a ConfigError naming the file and section, or the registry's
+        config(tmp_path, **change)
+
+
+def test_dvc_stage() -> None:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    stage = stages["stage3"]
+    assert stage["cmd"] == "qprobe train stage3" and stage["params"] == ["stage3"]
+    assert {"models/stage2", "data/trajectories/rl", "data/bench", "qprobe/train/stage3.py", "qprobe/train/common.py",
+            "qprobe/rewards.py", "qprobe/reward_math.py", "qprobe/agent/crop.py", "qprobe/agent/protocol.py",
+            "qprobe/agent/chat_template.jinja"} <= set(stage["deps"])
+    assert all((ROOT / dep).exists() for dep in stage["deps"] if dep.startswith("qprobe"))
+    assert stage["outs"] == ["models/stage3"] and stage["metrics"] == [{"metrics/stage3.json": {"cache": False}}]
+    assert "models/stage3" in stages["evaluate"]["deps"]
+
+
+def test_prompts_must_state_the_stage_budgets(tmp_path: Path, taught_model: Any, taught_set: Path) -> None:
+    cfg = config(tmp_path, **taught_overrides(taught_model, taught_set, tmp_path))
+    dataset = Dataset.load_from_disk(str(taught_set))
+    stage3.check_prompts(dataset, cfg)
+    with pytest.raises(QProbeError, match="You may crop up to 3 regions"):
+        stage3.check_prompts(dataset, config(tmp_path, **{**taught_overrides(taught_model, taught_set, tmp_path),
+                                                          "max_crops": 3}))
+    assert stage3.originals_folder(dataset) == str(taught_model.image_path.parent)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A real run: `qprobe train stage3` through trl's GRPOTrainer, MLflow, checkpoints and resume
+
+
+def run(tmp: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    params = tmp / "params.yaml"
+    params.write_text(yaml.safe_dump({"stage3": section(**overrides)}))
+    assert stage3.main(["--params", str(params)]) == 0
+    return json.loads((tmp / "m.json").read_text())
+
+
+def latest_run() -> Any:
+    return mlflow.search_runs(experiment_names=["qprobe"], order_by=["start_time DESC"], output_format="list")[0]
+
+
+class KilledAfterStep2(common.MlflowLogCallback):
+    """The MLflow callback, and a kill right after checkpoint-2 is written (a preempted node, Ctrl-C)."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == 2:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_grpo_run_calls_the_tool_logs_and_resumes(tmp_path: Path, taught_model: Any, taught_set: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    overrides = {**taught_overrides(taught_model, taught_set, tmp_path), "max_steps": 3}
+    with monkeypatch.context() as patch:
+        patch.setattr(common, "MlflowLogCallback", KilledAfterStep2)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path, overrides)
+    killed = latest_run()
+    (run_dir,) = (tmp_path / "checkpoints").iterdir()
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(killed.info.run_id, "rollouts/tool_calls_per_rollout")
+    assert [m.step for m in history] == [1, 2] and all(m.value > 0 for m in history)
+    samples = [json.loads(line) for line in mlflow.artifacts.load_text(
+        f"runs:/{killed.info.run_id}/rollouts/step-000001.jsonl").splitlines()]
+    assert len(samples) == 2 and samples[0]["step"] == 1
+    assert [t["role"] for t in samples[0]["turns"]] == ["assistant", "tool", "assistant"]
+    assert samples[0]["turns"][1]["crop"] == [112, 112] and samples[0]["crops"][0]["original_box"] == [160, 80, 480, 400]
+    assert set(samples[0]["rewards"]) == {"accuracy", "localization", "format"} and samples[0]["reward"] > 0
+
+    # The rerun continues from checkpoint-2, finishes, and saves.
+    metrics = run(tmp_path, overrides)
+    resumed = latest_run()
+    assert resumed.data.tags["qprobe.stage"] == "stage3"
+    assert resumed.data.tags["qprobe.resumed_from"] == str(run_dir / "checkpoint-2")
+    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "rollouts/tool_calls_per_rollout")] == [3]
+    assert metrics["global_step"] == 3
+    # The metrics file: the run's figures over all its rollouts (2 here, since the resume), and the last step's.
+    assert metrics["rollouts"] == 2 and metrics["tool_calls_per_rollout"] > 0 and metrics["tools/call_frequency"] > 0
+    assert {"rewards/accuracy/mean", "rewards/localization/mean", "rewards/format_reward/mean", "reward",
+            "tool_failure_rate", "truncation_rate", "crop_area", "completions/mean_length", "kl"} <= set(metrics)
+    assert resumed.data.metrics["tool_calls_per_rollout"] == metrics["tool_calls_per_rollout"]
+    assert {d.dataset.name for d in resumed.inputs.dataset_inputs} >= {"model", "dataset", "originals", "stage3-model"}
+    load_model(tmp_path / "model", device="cpu")
+
+    # The joint ablation: one coupled reward for trl, the components still logged under the same names.
+    metrics = run(tmp_path, {**overrides, "reward_mode": "joint", "max_steps": 1})
+    assert metrics["rewards/joint_reward/mean"] > 0 and metrics["tool_calls_per_rollout"] > 0
+    assert {"rewards/accuracy/mean", "rewards/localization/mean", "rewards/format_reward/mean"} <= set(metrics)
