@@ -10,6 +10,7 @@ or flag, the field, what was expected and what was found: :class:`ConfigError`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import types
@@ -82,6 +83,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, where 1e-5 (no dot) is a string, not a float.
+            with contextlib.suppress(ValueError):
+                return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -40,6 +40,7 @@ def test_flags_parse_lists_and_null(tmp_path: Path) -> None:
     cfg = parse_config(Demo, "demo", ["--params", str(params), "--types", "[a, b]", "--limit", "4"])
     assert cfg.types == ["a", "b"] and cfg.limit == 4
     assert parse_config(Demo, "demo", ["--params", str(params), "--limit", "null"]).limit is None
+    assert parse_config(Demo, "demo", ["--params", str(params), "--lr", "1e-5"]).lr == 1e-5  # YAML 1.1 string
 
 
 @pytest.mark.parametrize(
