@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return copy_repo(tmp_path_factory.mktemp("repo"), {"bench": {"num_images": 6, "workers": 1}})
+    return copy_repo(tmp_path_factory.mktemp("repo"), {"bench": {"num_images": 6, "workers": 1},
+                                                       "trajectories": {"sft_size": 6, "rl_size": 3}})
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,17 @@ def test_flow_runs_stages_then_is_a_no_op(repo_copy: Path, tracking: str, prefec
     plain = dvc(["repro", "bench"], repo_copy)
     assert plain.returncode == 0
     assert "Running stage" not in plain.stdout
+
+
+def test_dvc_repro_of_the_trajectories_stage(repo_copy: Path, tracking: str) -> None:
+    repro = dvc(["repro", "--single-item", "trajectories"], repo_copy)
+    assert repro.returncode == 0, repro.stderr[-2000:]
+    assert "Running stage 'trajectories'" in repro.stdout
+    for name in ("stage1", "sft", "rl"):
+        assert (repo_copy / "data" / "trajectories" / name / "dataset_info.json").is_file()
+    assert lock_entry(repo_copy, "trajectories")["outs"][0]["path"] == "data/trajectories"
+    again = dvc(["status", "trajectories", "--json"], repo_copy)
+    assert again.stdout.strip() in ("{}", ""), again.stdout
 
 
 def test_params_change_reruns_stage(repo_copy: Path, tracking: str) -> None:
