@@ -153,7 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Pipeline run {result['run_id']} finished: " +
           ", ".join(f"{s} {'ran' if ran else 'cached'}" for s, ran in result["stages"].items()))
     print(f"  outputs:  {root / 'data'}  {root / 'models'}  (DVC-tracked; `dvc status` is clean)")
-    print(f"  metrics:  {root / 'metrics'}  (`dvc metrics show`)")
+    print(f"  metrics:  {root / 'metrics'}  (`dvc metrics show`, `dvc plots show`)")
+    report = root / "outputs" / "evaluate" / "report.html"
+    if report.is_file():
+        print(f"  report:   {report}")
     uri = tracking_uri()
     print(f"  MLflow:   .venv/bin/mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000")
     return 0
