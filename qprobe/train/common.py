@@ -140,8 +140,12 @@ def stage_processor(model_path: str | Path) -> Any:
 
 def load_dataset_dir(path: str | Path, columns: Iterable[str]) -> Any:
     """A dataset written by ``save_to_disk``, checked for the ``columns`` the stage reads."""
-    from datasets import Dataset, load_from_disk
+    from datasets import Dataset, disable_caching, load_from_disk
 
+    # The folder is a DVC output: map/filter must not write their cache files into it (that would
+    # change its hash and leave `dvc status` dirty after every training run). Uncached transforms go
+    # to a temporary folder instead.
+    disable_caching()
     path = Path(path)
     try:
         dataset = load_from_disk(str(path))
