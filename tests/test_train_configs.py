@@ -113,3 +113,16 @@ def test_dvc_stages() -> None:
         assert stage["metrics"] == [{f"metrics/{name}.json": {"cache": False}}]
         assert all((ROOT / dep).exists() for dep in stage["deps"] if dep.startswith("qprobe"))
     assert "models/base" in stages["stage1"]["deps"] and "models/stage1" in stages["stage2"]["deps"]
+
+
+def test_loading_a_dataset_never_writes_into_its_dvc_folder(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    from qprobe.train.common import load_dataset_dir
+
+    folder = tmp_path / "sft"
+    Dataset.from_list([{"id": "a", "kind": "high"}, {"id": "b", "kind": "low"}]).save_to_disk(str(folder))
+    before = sorted(p.name for p in folder.iterdir())
+    dataset = load_dataset_dir(folder, ["id"])
+    assert len(dataset.filter(lambda r: r["kind"] == "high").map(lambda r: {"n": 1})) == 1
+    assert sorted(p.name for p in folder.iterdir()) == before
