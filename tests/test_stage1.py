@@ -9,6 +9,7 @@ from typing import Any
 import mlflow
 import pytest
 import yaml
+from fixtures_train import KilledAfterStep2, latest_run
 
 from qprobe.bench.synthesize import BenchConfig, synthesize
 from qprobe.io import content_hash
@@ -38,18 +39,6 @@ def run(tmp: Path, model: Path, dataset: Path, **overrides: Any) -> dict[str, An
     params.write_text(yaml.safe_dump({"stage1": section}))
     assert stage1.main(["--params", str(params)]) == 0
     return json.loads((tmp / "m.json").read_text())
-
-
-def latest_run() -> Any:
-    return mlflow.search_runs(experiment_names=["qprobe"], order_by=["start_time DESC"], output_format="list")[0]
-
-
-class KilledAfterStep2(common.MlflowLogCallback):
-    """The MLflow callback, and a kill right after checkpoint-2 is written (a preempted node, Ctrl-C)."""
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step == 2:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.slow

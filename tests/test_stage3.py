@@ -12,6 +12,7 @@ import mlflow
 import pytest
 import yaml
 from datasets import Dataset, Features, Image, List, Value
+from fixtures_train import KilledAfterStep2, latest_run
 from trl.trainer.utils import get_callable_name
 
 from qprobe.agent import protocol
@@ -317,18 +318,6 @@ def run(tmp: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     params.write_text(yaml.safe_dump({"stage3": section(**overrides)}))
     assert stage3.main(["--params", str(params)]) == 0
     return json.loads((tmp / "m.json").read_text())
-
-
-def latest_run() -> Any:
-    return mlflow.search_runs(experiment_names=["qprobe"], order_by=["start_time DESC"], output_format="list")[0]
-
-
-class KilledAfterStep2(common.MlflowLogCallback):
-    """The MLflow callback, and a kill right after checkpoint-2 is written (a preempted node, Ctrl-C)."""
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step == 2:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.slow
