@@ -12,7 +12,7 @@ from qprobe import cli
 from qprobe.bench import synthesize as bench
 from qprobe.bench.synthesize import BenchConfig, assign_splits, plan_jobs, synthesize
 from qprobe.data.manifest import SCHEMA, read_manifest
-from qprobe.data.sources import SourceError, SourceItem
+from qprobe.data.sources import SKIMAGE_PHOTOS, SourceError, SourceItem
 from qprobe.io import load_image, save_image_atomic
 from qprobe.validation import ValidationError
 
@@ -201,7 +201,7 @@ def test_default_stage_through_the_cli_records_the_mlflow_run(tmp_path, monkeypa
     argv = ["bench", "--params", str(params), "--out", str(out), "--metrics", str(metrics), "--num-images", "14"]
     assert cli.main(argv) == 0
     saved = json.loads(metrics.read_text())
-    assert saved["images"] == 14 and saved["sources_used"] == 7 and saved["skipped"]["total"] == 0
+    assert saved["images"] == 14 and saved["sources_used"] == len(SKIMAGE_PHOTOS) and saved["skipped"]["total"] == 0
     assert all(saved["splits"][s] > 0 for s in ("train", "val", "test"))
 
     run = mlflow.search_runs(experiment_names=["qprobe"], output_format="list")[0]

@@ -146,6 +146,10 @@ def test_prompts_state_the_tool_the_frame_and_the_format() -> None:
     assert "absolute pixels of the global view" in system
     user = protocol.user_prompt((812, 616), (3248, 2464), 3)
     assert "812x616" in user and "3248x2464" in user and "3 regions" in user
+    # Whether cropping can reveal anything is said in words, not left to a comparison of sizes.
+    assert user.startswith("This is the global view of a photo") and "downscaled 4.0x" in user
+    native = protocol.user_prompt((224, 168), (230, 170), 3)
+    assert native.startswith("This is a photo at about its native resolution, 224x168 pixels") and "downscaled" not in native
     line = protocol.region_line((10, 20.5, 100, 200), (40, 82, 400, 800), (3248, 2464), (308, 560))
     assert line == ("Region [10, 20.5, 100, 200] of the global view, pixels [40, 82, 400, 800] of the 3248x2464 "
                     "photo at native resolution, shown at 308x560.")

@@ -27,6 +27,17 @@ def test_tiny_model_is_a_small_real_qwen2_5_vl(tiny_model_dir: Path) -> None:
     assert str(model.dtype) == "torch.float32" and model.device.type == "cpu"
 
 
+def test_width_and_depth_are_configurable(tmp_path: Path) -> None:
+    from qprobe.models.tiny import TinyModelConfig, build_tiny
+
+    summary = build_tiny(tmp_path / "wide", seed=0, hidden_size=256, num_layers=3)
+    text = load_model(tmp_path / "wide")[0].config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (256, 3, 8, 4)
+    assert summary["parameters"] > 1_000_000
+    with pytest.raises(ValueError, match="hidden_size 96 must be a multiple of 64"):
+        TinyModelConfig(hidden_size=96)
+
+
 def test_same_seed_same_bytes(tiny_model_dir: Path, tmp_path: Path) -> None:
     from qprobe.models.tiny import build_tiny
 
@@ -64,7 +75,7 @@ def test_chat_template_renders_tool_turns_with_images(tiny_model_dir: Path) -> N
     tail = text[text.index("<|im_start|>user"):]
     assert tail == (
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>This is the global view of a photo, 56x84 "
-        "pixels (the photo itself is 560x840). Rate its quality. You may crop up to 2 regions.<|im_end|>\n"
+        "pixels, downscaled 10.0x from the photo itself, 560x840. Rate its quality. You may crop up to 2 regions.<|im_end|>\n"
         "<|im_start|>assistant\n<think>look</think>\n<tool_call>{\"name\": \"crop\", \"arguments\": {\"bbox_2d\": "
         "[1, 2, 30, 40]}}</tool_call><|im_end|>\n"
         "<|im_start|>user\n<tool_response>\n<|vision_start|><|image_pad|><|vision_end|>Region\n</tool_response>"

@@ -35,6 +35,8 @@ Box = tuple[float, float, float, float]
 
 CROP_TOOL_NAME = "crop"
 SCORE_MIN, SCORE_MAX = 1.0, 5.0
+# Below this linear downscale factor the global view shows the photo at about its native resolution.
+NATIVE_SCALE = 1.25
 # The bench's degradation types (Vista-Bench); the prompt lists them and the strict format check
 # accepts only these, so the bench and the protocol must share this tuple.
 DEFECT_TYPES: tuple[str, ...] = ("blur", "noise", "jpeg", "ringing", "pixelation", "banding")
@@ -84,13 +86,27 @@ it critically against the global context. The score S is the overall quality fro
 {", ".join(DEFECT_TYPES)}; an empty list if the photo is clean."""
 
 
-def user_prompt(view_size: tuple[int, int], original_size: tuple[int, int], max_crops: int) -> str:
-    """The text of the first user turn, beside the global view image."""
+def downscale_factor(view_size: tuple[int, int], original_size: tuple[int, int]) -> float:
+    """How many times smaller than the photo the global view is, per side (about 1: native resolution)."""
     (w, h), (ow, oh) = view_size, original_size
-    return (
-        f"This is the global view of a photo, {w}x{h} pixels (the photo itself is {ow}x{oh}). "
-        f"Rate its quality. You may crop up to {max_crops} regions."
-    )
+    return math.sqrt(ow * oh / (w * h))
+
+
+def user_prompt(view_size: tuple[int, int], original_size: tuple[int, int], max_crops: int) -> str:
+    """The text of the first user turn, beside the global view image.
+
+    It opens differently for a photo the view shows at about its native resolution and for one it
+    downscales, and states the factor: whether cropping can reveal anything hinges on it, and a few
+    words say so more plainly than two sizes a model would have to compare.
+    """
+    (w, h), (ow, oh) = view_size, original_size
+    scale = downscale_factor(view_size, original_size)
+    if scale < NATIVE_SCALE:
+        head = f"This is a photo at about its native resolution, {w}x{h} pixels (the photo itself is {ow}x{oh})."
+    else:
+        head = (f"This is the global view of a photo, {w}x{h} pixels, downscaled {scale:.1f}x from the photo "
+                f"itself, {ow}x{oh}.")
+    return f"{head} Rate its quality. You may crop up to {max_crops} regions."
 
 
 def region_line(view_box: Box, original_box: tuple[int, int, int, int], original_size: tuple[int, int],

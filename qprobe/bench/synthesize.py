@@ -225,7 +225,7 @@ def assign_splits(keys: list[str], fractions: dict[str, float], seed: int) -> di
     """Split photo keys by the fractions: a seed-shuffled order cut by largest-remainder counts.
 
     Every split with a positive fraction gets at least one photo when there are enough photos, so
-    the 7 bundled photos still give a non-empty val and test split.
+    a handful of photos still gives a non-empty val and test split.
     """
     names = [s for s in SPLITS if fractions.get(s, 0) > 0]
     n = len(keys)

@@ -3,9 +3,10 @@
 No weights can be downloaded on the machines this pipeline is developed and tested on, so the
 embedded default profile starts every stage from this model. It is the genuine
 ``Qwen2_5_VLForConditionalGeneration`` architecture (vision tower with window attention and the
-patch merger, M-RoPE text decoder), only small: text hidden 128 in 2 layers (4 heads of 32, so
-``mrope_section`` sums to 16 = head_dim / 2), vision hidden 64 in 2 blocks, tied embeddings; about
-0.65M parameters, a forward+backward well under a second on a laptop CPU.
+patch merger, M-RoPE text decoder), only small: by default text hidden 128 in 2 layers (4 heads of
+32, so ``mrope_section`` sums to 16 = head_dim / 2; ``hidden_size`` and ``num_layers`` widen and
+deepen it), vision hidden 64 in 2 blocks, tied embeddings; about 0.67M parameters, a forward+backward
+well under a second on a laptop CPU.
 
 Its tokenizer is a byte-level BPE trained with ``tokenizers`` on the protocol's own text (system
 prompt, user prompts, tool turns, rendered tool calls and answers with their tags, JSON keys, digits
@@ -46,8 +47,8 @@ SPECIAL_TOKENS = (
 PROTOCOL_TOKENS = ("<tool_call>", "</tool_call>", "<think>", "</think>", "<answer>", "</answer>",
                    "<tool_response>", "</tool_response>")
 
-TEXT_HIDDEN, TEXT_LAYERS, TEXT_HEADS, TEXT_KV_HEADS, TEXT_FFN = 128, 2, 4, 2, 256
-MROPE_SECTION = (4, 6, 6)  # sums to head_dim / 2 = 128 / 4 / 2
+HEAD_DIM = 32  # text attention heads of 32: MROPE_SECTION sums to head_dim / 2
+MROPE_SECTION = (4, 6, 6)
 VISION_HIDDEN, VISION_DEPTH, VISION_HEADS, VISION_FFN = 64, 2, 2, 128
 MAX_POSITIONS = 32768
 PROCESSOR_MAX_PIXELS = 16384 * 28 * 28  # Qwen2.5-VL's own processor limit: the callers size images
@@ -58,10 +59,18 @@ class TinyModelConfig:
     out: str = field(default="models/base", metadata={"help": "folder to write the checkpoint to"})
     seed: int = field(default=0, metadata={"help": "seed of the random weights and of the tokenizer corpus"})
     vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary target (the corpus may yield fewer)"})
+    hidden_size: int = field(default=128, metadata={
+        "help": f"text decoder width: heads of {HEAD_DIM}, half as many key/value heads, a feed-forward twice as wide"})
+    num_layers: int = field(default=2, metadata={"help": "text decoder layers"})
 
     def __post_init__(self) -> None:
         if self.vocab_size < 300:
             raise ValueError(f"vocab_size {self.vocab_size} is below the 256 bytes plus special tokens")
+        if self.hidden_size < 2 * HEAD_DIM or self.hidden_size % (2 * HEAD_DIM):
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of {2 * HEAD_DIM} (an even number "
+                             f"of heads of {HEAD_DIM})")
+        if self.num_layers < 1:
+            raise ValueError("num_layers must be at least 1")
 
 
 _THOUGHTS = (
@@ -155,7 +164,7 @@ def train_tokenizer(seed: int, vocab_size: int) -> Any:
     return tokenizer
 
 
-def build_model(tokenizer: Any, seed: int) -> Any:
+def build_model(tokenizer: Any, seed: int, hidden_size: int = 128, num_layers: int = 2) -> Any:
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -164,11 +173,11 @@ def build_model(tokenizer: Any, seed: int) -> Any:
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": TEXT_HIDDEN,
-            "intermediate_size": TEXT_FFN,
-            "num_hidden_layers": TEXT_LAYERS,
-            "num_attention_heads": TEXT_HEADS,
-            "num_key_value_heads": TEXT_KV_HEADS,
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": hidden_size // HEAD_DIM,
+            "num_key_value_heads": hidden_size // HEAD_DIM // 2,
             "max_position_embeddings": MAX_POSITIONS,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(MROPE_SECTION)},
             "bos_token_id": None,
@@ -181,7 +190,7 @@ def build_model(tokenizer: Any, seed: int) -> Any:
             "hidden_size": VISION_HIDDEN,
             "intermediate_size": VISION_FFN,
             "num_heads": VISION_HEADS,
-            "out_hidden_size": TEXT_HIDDEN,
+            "out_hidden_size": hidden_size,
             "fullatt_block_indexes": [VISION_DEPTH - 1],
         },
         image_token_id=ids("<|image_pad|>"),
@@ -196,7 +205,8 @@ def build_model(tokenizer: Any, seed: int) -> Any:
     return model
 
 
-def build_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1024) -> dict[str, Any]:
+def build_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1024, hidden_size: int = 128,
+               num_layers: int = 2) -> dict[str, Any]:
     """Write the tiny checkpoint to ``out`` (replacing it); returns a summary (parameters, vocabulary)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -207,7 +217,7 @@ def build_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1024) -> dict[s
     tokenizer = train_tokenizer(seed, vocab_size)
     image_processor = Qwen2VLImageProcessorPil(max_pixels=PROCESSOR_MAX_PIXELS, min_pixels=56 * 56)
     processor = apply_protocol(QProbeProcessor(image_processor=image_processor, tokenizer=tokenizer))
-    model = build_model(tokenizer, seed)
+    model = build_model(tokenizer, seed, hidden_size, num_layers)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -239,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(TinyModelConfig, "model", argv, prog="qprobe model init-tiny",
                        description=main.__doc__)
     with tracking.stage_run("model", params=asdict(cfg)):
-        summary = build_tiny(cfg.out, cfg.seed, cfg.vocab_size)
+        summary = build_tiny(cfg.out, cfg.seed, cfg.vocab_size, cfg.hidden_size, cfg.num_layers)
         tracking.log_metrics(summary)
         tracking.log_dataset(cfg.out, name="tiny-qwen2.5-vl", context="output")
     print(f"{cfg.out}: tiny Qwen2.5-VL, {summary['parameters']:,} parameters "

@@ -38,18 +38,19 @@ class Stage2Config(StageArgs, SFTConfig):
     crop_max_pixels: int = field(default=DEFAULT_CROP_MAX_PIXELS, metadata={
         "help": "pixel budget the crops were sized to (the trajectories stage's)"})
     max_crops: int = field(default=3, metadata={"help": "crop budget of the held-out rollouts (as in training)"})
-    heldout: str = field(default="data/trajectories/rl", metadata={
-        "help": "Probe-RL set: its prompts that no trained SFT sample shows check the trained model "
-                "(greedy rollouts through the crop tool)"})
     heldout_bench: str = field(default="data/bench", metadata={
-        "help": "bench whose heldout_split (scenes never trained on) is checked too; empty: skip"})
+        "help": "bench whose heldout_split, scenes no training set holds, checks the trained model"})
     heldout_split: str = field(default="val", metadata={"help": "the bench split held out from training"})
-    heldout_samples: int = field(default=12, metadata={"help": "photos to roll out from each held-out source"})
+    heldout_samples: int = field(default=12, metadata={"help": "held-out photos to roll out"})
     heldout_max_new_tokens: int = field(default=640, metadata={
         "help": "token budget of one held-out rollout, all turns together"})
+    low_res_max_pixels: int = field(default=50176, metadata={
+        "help": "the trajectories stage's low-resolution budget: each held-out photo is also rolled out "
+                "downscaled to it, where cropping reveals nothing and the model should answer at once"})
 
     UNTRAINED_KEYS: ClassVar[frozenset[str]] = StageArgs.UNTRAINED_KEYS | {
-        "max_crops", "heldout", "heldout_bench", "heldout_split", "heldout_samples", "heldout_max_new_tokens"}
+        "max_crops", "heldout_bench", "heldout_split", "heldout_samples", "heldout_max_new_tokens",
+        "low_res_max_pixels"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -57,6 +58,8 @@ class Stage2Config(StageArgs, SFTConfig):
             raise ValueError("stage 2 learns the assistant turns only: assistant_only_loss must stay true")
         if self.heldout_samples < 1:
             raise ValueError("heldout_samples must be at least 1")
+        if not self.heldout_bench:
+            raise ValueError("heldout_bench must name a bench: its held-out split checks the trained model")
         if set(self.kind_repeats) != {"low", "high"} or min(self.kind_repeats.values()) < 0 \
                 or not any(self.kind_repeats.values()):
             raise ValueError(f"kind_repeats must give low and high a count >= 0, not both 0: {self.kind_repeats}")
@@ -73,20 +76,6 @@ def repeat_kinds(dataset: Any, repeats: Mapping[str, int]) -> Any:
     if sum(len(p) for p in parts) == 0:
         raise QProbeError(f"kind_repeats {dict(repeats)} leaves no training sample")
     return concatenate_datasets(parts)
-
-
-def unseen_prompts(rl_dir: str, trained_ids: set[str], n: int) -> list[tuple[str, Any]]:
-    """Up to ``n`` Probe-RL photos (id, original) whose prompt no trained SFT sample shows."""
-    from qprobe.io import load_image
-
-    rows = load_dataset_dir(rl_dir, ["id", "original"]).select_columns(["id", "original"])
-    picked: dict[str, str] = {}
-    for row in rows:
-        if row["id"] not in trained_ids and len(picked) < n:
-            picked.setdefault(row["id"], row["original"])
-    if not picked:
-        raise QProbeError(f"{rl_dir}: every prompt is also an SFT sample; nothing is held out")
-    return [(photo_id, load_image(path)) for photo_id, path in picked.items()]
 
 
 def new_scenes(bench: str, split: str, n: int) -> list[tuple[str, Any]]:
@@ -108,6 +97,8 @@ def rollout_metrics(backend: Any, photos: list[tuple[str, Any]], cfg: Stage2Conf
     protocol's strict check. ``tool_call_rate``: the share whose first turn calls the crop tool with a
     box the tool accepts. ``rollout_adherence``: the share whose whole rollout is well-formed, every turn
     strict, crop calls first and an answer last (what the format reward pays for in stage 3).
+    ``answer_first_rate``: the share whose first turn answers (an ``<answer>``, no tool call), well-formed
+    or not: the decision to judge from the global view alone.
     """
     from qprobe.agent.protocol import format_ok
     from qprobe.agent.rollout import RolloutConfig, rollout
@@ -115,30 +106,34 @@ def rollout_metrics(backend: Any, photos: list[tuple[str, Any]], cfg: Stage2Conf
 
     config = RolloutConfig(global_max_pixels=cfg.global_max_pixels, crop_max_pixels=cfg.crop_max_pixels,
                            max_crops=cfg.max_crops, max_new_tokens=cfg.heldout_max_new_tokens, seed=cfg.seed)
-    first_ok = called = whole_ok = 0
+    first_ok = called = answered = whole_ok = 0
     for photo_id, image in photos:
         trace = rollout(backend, image, config, source=photo_id)
-        first_ok += bool(trace.turns) and format_ok(trace.turns[0].text)
+        first = trace.turns[0].text if trace.turns else ""
+        first_ok += format_ok(first)
+        answered += "<answer>" in first and "<tool_call>" not in first
         # A crop record exists only if the first turn was a crop call: later turns follow only a crop.
         calls = trace.tool.calls if trace.tool is not None else []
         called += bool(calls) and calls[0].error is None
         whole_ok += well_formed(trace.messages)
     n = len(photos)
     return {"format_adherence": first_ok / n, "tool_call_rate": called / n, "rollout_adherence": whole_ok / n,
-            "heldout_samples": float(n)}
+            "answer_first_rate": answered / n, "heldout_samples": float(n)}
 
 
-def heldout_metrics(model_dir: Path, cfg: Stage2Config, trained_ids: set[str]) -> dict[str, float]:
-    """:func:`rollout_metrics` on Probe-RL prompts no trained sample shows, and (suffix ``_new_scenes``)
-    on the bench's held-out split, whose scenes no training set holds."""
+def heldout_metrics(model_dir: Path, cfg: Stage2Config) -> dict[str, float]:
+    """:func:`rollout_metrics` on the bench's held-out split, scenes no training set holds: the photos
+    at full resolution, where the model should crop, and (suffix ``_low_res``) downscaled to the
+    low-resolution budget, which the prompt says is native resolution and the model should answer at once."""
     from qprobe.agent.backends import TransformersBackend
+    from qprobe.agent.crop import global_view
 
     backend = TransformersBackend(str(model_dir))
-    metrics = rollout_metrics(backend, unseen_prompts(cfg.heldout, trained_ids, cfg.heldout_samples), cfg)
-    if cfg.heldout_bench:
-        scenes = new_scenes(cfg.heldout_bench, cfg.heldout_split, cfg.heldout_samples)
-        metrics.update({f"{k}_new_scenes": v for k, v in rollout_metrics(backend, scenes, cfg).items()})
-    return metrics
+    photos = new_scenes(cfg.heldout_bench, cfg.heldout_split, cfg.heldout_samples)
+    small = [(photo_id, global_view(image, cfg.low_res_max_pixels)[0]) for photo_id, image in photos]
+    low_res = rollout_metrics(backend, small, cfg)
+    return {**rollout_metrics(backend, photos, cfg),
+            **{f"{k}_low_res": low_res[k] for k in ("format_adherence", "answer_first_rate")}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,10 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     how. Global views and crops keep the separate pixel budgets the trajectories stage gave them: the
     processor takes them as they are.
 
-    Afterwards, greedy rollouts of the saved model, prompted exactly like inference, measure
-    ``format_adherence`` and ``tool_call_rate`` of its first turn and ``rollout_adherence`` of whole
-    rollouts on Probe-RL prompts that no trained sample shows, and the same with suffix
-    ``_new_scenes`` on the bench's ``val`` split, scenes no training set holds (:func:`heldout_metrics`).
+    Afterwards, greedy rollouts of the saved model, prompted exactly like inference, on the bench's
+    ``val`` split (scenes no training set holds) measure ``format_adherence`` and ``tool_call_rate`` of
+    its first turn and ``rollout_adherence`` of whole rollouts; the same photos downscaled to the
+    low-resolution budget measure ``answer_first_rate_low_res``, answers given without a crop, and
+    ``format_adherence_low_res`` (:func:`heldout_metrics`).
 
     Starts from stage 1's output and writes the trained model to ``out``. Run it::
 
@@ -169,18 +165,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = load_dataset_dir(cfg.dataset, ["id", "messages", "kind"])
     check_pixel_budgets(dataset, cfg.global_max_pixels, cfg.crop_max_pixels)
     dataset = repeat_kinds(dataset, cfg.kind_repeats)
-    trained_ids = set(dataset["id"])
 
     def make_trainer(model_path: Path, processor: Any) -> SFTTrainer:
         # Every image sits in its turn's block (crops in tool turns): trl's own collator takes them from there.
         return SFTTrainer(model=str(model_path), args=cfg, train_dataset=dataset, processing_class=processor,
                           peft_config=lora_config(cfg))
 
-    heldout = {"heldout": cfg.heldout, **({"heldout_bench": cfg.heldout_bench} if cfg.heldout_bench else {})}
-    metrics = run_stage("stage2", cfg, make_trainer, evaluate=lambda out: heldout_metrics(out, cfg, trained_ids),
-                        eval_inputs=heldout)
+    metrics = run_stage("stage2", cfg, make_trainer, evaluate=lambda out: heldout_metrics(out, cfg),
+                        eval_inputs={"heldout_bench": cfg.heldout_bench})
     if cfg.is_main:
-        print(f"stage2: {int(metrics['global_step'])} steps in {metrics['seconds']:.0f} s; held-out prompts: "
+        print(f"stage2: {int(metrics['global_step'])} steps in {metrics['seconds']:.0f} s; held-out scenes: "
               f"format adherence {metrics['format_adherence']:.0%}, tool-call rate {metrics['tool_call_rate']:.0%}, "
-              f"whole rollouts {metrics['rollout_adherence']:.0%} -> {cfg.out}")
+              f"whole rollouts {metrics['rollout_adherence']:.0%}; downscaled, answered at once "
+              f"{metrics['answer_first_rate_low_res']:.0%} -> {cfg.out}")
     return 0

@@ -158,12 +158,13 @@ def high_res_sample(photo: BenchPhoto, cfg: TrajectoriesConfig, rng: random.Rand
     plan = plan_crops([d[2] for d in defects], width, height, cfg.planner, rng, salient)
     tool = CropTool(photo.image, cfg.global_max_pixels, cfg.crop_max_pixels, max_calls=cfg.max_crops)
     view, geometry = global_view(photo.image, cfg.global_max_pixels)
+    scale = protocol.downscale_factor(view.size, (width, height))
     messages = protocol.global_turn(view, (width, height), cfg.max_crops)
     crops: list[list[int]] = []
     for i, (box, _) in enumerate(plan[: cfg.max_crops]):
         inside = tuple(d for d in defects if _contains(box, d[2]))
         facts = composer.CropFacts(box=box, defects=inside, texture=photo.texture.box_mean(box))
-        lead = (composer.global_impression(facts, width, height, photo.row["mos"], rng) if i == 0
+        lead = (composer.global_impression(facts, width, height, photo.row["mos"], scale, rng) if i == 0
                 else composer.next_target(facts, width, height, rng))
         view_box = _outward(geometry.to_view(box))
         messages.append(protocol.assistant_turn(protocol.render_turn(lead, protocol.render_tool_call(view_box))))

@@ -44,6 +44,11 @@ CONFOUND = {
     "banding": "a smooth gradient in the scene, but the steps are discrete and the surround is continuous",
 }
 
+# Every trajectory opens by restating what the prompt says about resolution, so the choice between a
+# crop and an answer follows from the model's own first words rather than from a prompt far back.
+DOWNSCALED = "The view is downscaled {scale:.1f}x from the photo, so fine detail is lost."
+NATIVE = "The photo is shown at its native resolution, so the view hides no detail."
+
 GLOBAL_OPENINGS = [
     "At this scale the photo looks {overall}: exposure and colour are {exposure}, and the composition reads clearly.",
     "The global view shows a {overall} photo with {exposure} exposure and colour.",
@@ -126,11 +131,13 @@ def _overall(mos: float) -> tuple[str, str]:
     return "acceptable at first sight", "plausible"
 
 
-def global_impression(crop: CropFacts, width: int, height: int, mos: float, rng: random.Random) -> str:
-    """Phase 1: what the downscaled view shows, and why this region deserves a crop."""
+def global_impression(crop: CropFacts, width: int, height: int, mos: float, scale: float,
+                      rng: random.Random) -> str:
+    """Phase 1: what the view, downscaled ``scale`` times, shows, and why this region deserves a crop."""
     overall, exposure = _overall(mos)
     where = where_in_image(crop.box, width, height)
     return " ".join([
+        DOWNSCALED.format(scale=scale),
         rng.choice(GLOBAL_OPENINGS).format(overall=overall, exposure=exposure),
         rng.choice(GLOBAL_LIMITS),
         rng.choice(GLOBAL_TARGET).format(texture=texture_words(crop.texture), where=where),
@@ -175,8 +182,8 @@ def low_res_impression(mos: float, defects: Sequence[tuple[str, int, Sequence[fl
                        rng: random.Random) -> str:
     """The single turn of a low-resolution sample: judged from the global view alone."""
     overall, exposure = _overall(mos)
-    parts = [rng.choice(GLOBAL_OPENINGS).format(overall=overall, exposure=exposure),
-             "The image is small enough to judge as a whole without cropping."]
+    parts = [NATIVE, rng.choice(GLOBAL_OPENINGS).format(overall=overall, exposure=exposure),
+             "I can judge it as a whole without cropping."]
     for kind, severity, box in defects:
         parts.append(f"There is {STRENGTH[int(severity)]} {kind} at the {where_in_image(box, width, height)}: "
                      f"{rng.choice(LOOK[kind])}.")
