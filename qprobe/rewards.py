@@ -149,16 +149,9 @@ def localization(prompts: Sequence[Any], completions: Sequence[Any], *, has_defe
             rewards.append(MIN_REWARD)
             continue
         geometry = Geometry.for_size((w, h), global_max_pixels)
-        predicted = [geometry.to_original(_ordered(d.bbox)) for d in answer.defects]
+        predicted = [geometry.to_original(protocol.ordered_box(d.bbox)) for d in answer.defects]
         rewards.append(reward_math.matched_iou(predicted, [d["bbox"] for d in truth]))
     return rewards
-
-
-def _ordered(box: protocol.Box) -> protocol.Box:
-    """Corners sorted: the lenient parser keeps reversed corners, which the format reward already costs."""
-    x1, x2 = sorted((box[0], box[2]))
-    y1, y2 = sorted((box[1], box[3]))
-    return (x1, y1, x2, y2)
 
 
 def format_reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:

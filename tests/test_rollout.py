@@ -120,6 +120,16 @@ def test_a_bad_box_is_a_tool_error_and_the_rollout_goes_on() -> None:
     assert trace.messages[3]["content"] == [{"type": "text", "text": trace.turns[1].text}]
 
 
+def test_an_answer_box_with_reversed_corners_maps_to_an_ordered_original_box() -> None:
+    from qprobe.agent.protocol import Defect, format_failure
+
+    text = render_turn("seen", render_answer(3.0, [Defect(bbox=(60, 50, 30, 20), type="blur")]))
+    trace = rollout(Scripted([text]), PHOTO, SMALL)  # 640x480 photo, 112x84 view: x and y scale by 40/7
+    assert trace.outcome == "answer" and format_failure(text).kind is FailureKind.BAD_BOX
+    assert trace.defects_original() == [{"type": "blur", "bbox_view": [60, 50, 30, 20],
+                                         "bbox_original": [171, 114, 343, 286]}]
+
+
 def test_token_budget_spans_all_turns() -> None:
     backend = Scripted([CROP, CROP, CROP], finish="stop")
     trace = rollout(backend, PHOTO, RolloutConfig(global_max_pixels=112 * 112, max_crops=5, max_new_tokens=25))

@@ -378,6 +378,14 @@ def _answer(payload: Any, think: str, text: str) -> Parsed:
     return Answer(score=float(score), defects=tuple(defects), think=think)
 
 
+def ordered_box(box: Box) -> Box:
+    """Corners sorted, as the crop tool reads a box: the lenient parser keeps reversed corners (which
+    the strict check, and so the format reward, already counts against the model)."""
+    x1, x2 = sorted((box[0], box[2]))
+    y1, y2 = sorted((box[1], box[3]))
+    return (x1, y1, x2, y2)
+
+
 def _box(value: Any) -> Box | None:
     if not isinstance(value, list) or len(value) != 4:
         return None
