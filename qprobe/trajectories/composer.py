@@ -45,7 +45,7 @@ CONFOUND = {
 }
 
 # Every trajectory opens by restating what the prompt says about resolution, so the choice between a
-# crop and an answer follows from the model's own first words rather than from a prompt far back.
+# crop and an answer follows from the model's own words rather than from a prompt far back.
 DOWNSCALED = "The view is downscaled {scale:.1f}x from the photo, so fine detail is lost."
 NATIVE = "The photo is shown at its native resolution, so the view hides no detail."
 
@@ -53,6 +53,13 @@ GLOBAL_OPENINGS = [
     "At this scale the photo looks {overall}: exposure and colour are {exposure}, and the composition reads clearly.",
     "The global view shows a {overall} photo with {exposure} exposure and colour.",
     "Seen whole, the photo is {overall}; tones and colour look {exposure}.",
+]
+# A low-resolution sample has openings of its own: no sentence it shares with a multi-turn trajectory
+# stands between the first words and the choice to answer, so a small model never loses the thread.
+NATIVE_OPENINGS = [
+    "Seen at full size, the photo is {overall}, with {exposure} exposure and colour.",
+    "Every pixel is visible here: the photo is {overall} and its tones look {exposure}.",
+    "At native size the photo reads as {overall}; exposure and colour are {exposure}.",
 ]
 GLOBAL_LIMITS = [
     "Small local defects would be invisible at this resolution, so I need a closer look at native resolution.",
@@ -182,7 +189,7 @@ def low_res_impression(mos: float, defects: Sequence[tuple[str, int, Sequence[fl
                        rng: random.Random) -> str:
     """The single turn of a low-resolution sample: judged from the global view alone."""
     overall, exposure = _overall(mos)
-    parts = [NATIVE, rng.choice(GLOBAL_OPENINGS).format(overall=overall, exposure=exposure),
+    parts = [NATIVE, rng.choice(NATIVE_OPENINGS).format(overall=overall, exposure=exposure),
              "I can judge it as a whole without cropping."]
     for kind, severity, box in defects:
         parts.append(f"There is {STRENGTH[int(severity)]} {kind} at the {where_in_image(box, width, height)}: "
