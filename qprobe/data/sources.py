@@ -43,11 +43,10 @@ from qprobe.io import ImageError, load_image_bytes
 SOURCE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff"})
 SKIP_REASONS = ("too_small", "too_large", "unreadable")
 
-# scikit-image's colour photographs (the motorcycle is the left view of its stereo pair; the right
-# view is nearly the same picture and would leak across splits).
-# Fourteen scenes: a model trained on the embedded default meets scenes it never saw in the val and
-# test splits, and five training scenes were too few for the tiny model to generalise to them.
-# The grey ones (brick ... moon) load as RGB like any grey photo.
+# scikit-image's bundled photographs, 14 scenes: the val and test splits hold scenes no training set
+# has, and five training scenes were too few for the tiny model to generalise to them. The grey ones
+# (brick ... moon) load as RGB like any grey photo; the motorcycle is the left view of its stereo pair
+# (the right view is nearly the same picture and would leak across splits).
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "motorcycle", "retina", "rocket",
                   "immunohistochemistry", "brick", "camera", "coins", "grass", "gravel", "moon")
 
