@@ -50,11 +50,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one torch thread each)")
+    parser.add_argument("--keep", type=Path, help="write each seed's model, metrics and MLflow store under "
+                        "this folder (seed-N/) to inspect afterwards; by default they go to a temporary folder")
     parser.add_argument("extra", nargs="*", help="flags passed to `qprobe train stage2` (after --)")
     args = parser.parse_args()
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        sys.exit(f"--keep {args.keep}: the folder is not empty")
     with tempfile.TemporaryDirectory(prefix="stage2-seeds-") as scratch, \
             ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        results = list(pool.map(lambda s: run_seed(s, args.extra, Path(scratch)), args.seeds))
+        root = args.keep or Path(scratch)
+        results = list(pool.map(lambda s: run_seed(s, args.extra, root), args.seeds))
     print(f"{'seed':>6} " + " ".join(f"{k:>26}" for k in KEYS) + f" {'seconds':>8}")
     for seed, (metrics, seconds) in zip(args.seeds, results, strict=True):
         print(f"{seed:>6} " + " ".join(f"{metrics[k]:>26.2f}" for k in KEYS) + f" {seconds:>8.0f}")
