@@ -70,37 +70,6 @@ def test_bench_writes_a_valid_manifest_images_and_metrics(tmp_path, tiny_photos)
     assert len(list((out / "records").glob("*.json"))) == 10
 
 
-def test_framing_makes_each_variant_its_own_crop_of_the_photo(tmp_path, tiny_photos):
-    cfg = _config(tmp_path, tiny_photos, framing=[0.5, 0.8], min_size=100, pristine_fraction=0.2)
-    result = synthesize(cfg, progress=False)
-    out, manifest = Path(cfg.out), read_manifest(cfg.out)
-    records = {r["id"]: r for r in result.records}
-    for row in manifest.itertuples():
-        source = np.asarray(load_image(row.source))
-        x1, y1, x2, y2 = records[row.id]["framing"]
-        assert (x2 - x1, y2 - y1) == (row.width, row.height)
-        # A crop of the photo with its aspect ratio, 0.5-0.8 of its sides, the longer side >= min_size.
-        fraction = row.width / source.shape[1]
-        assert 0.5 - 0.01 <= fraction <= 0.8 + 0.01 and abs(row.height / source.shape[0] - fraction) < 0.02
-        assert max(row.width, row.height) >= 100
-        image = np.asarray(load_image(out / row.image))
-        outside = np.ones(image.shape[:2], dtype=bool)
-        for defect in row.defects:
-            bx1, by1, bx2, by2 = defect["bbox"]
-            assert 0 <= bx1 < bx2 <= row.width and 0 <= by1 < by2 <= row.height
-            outside[by1:by2, bx1:bx2] = False
-        assert np.array_equal(image[outside], source[y1:y2, x1:x2][outside])
-    # The two variants of each photo are framed differently.
-    frames = manifest.assign(framing=[tuple(records[i]["framing"]) for i in manifest["id"]])
-    assert (frames.groupby("source")["framing"].nunique() == 2).all()
-    # Deterministic, and [1, 1] keeps whole photos.
-    again = synthesize(_config(tmp_path, tiny_photos, out="again", framing=[0.5, 0.8], min_size=100,
-                               pristine_fraction=0.2), progress=False)
-    assert [r["framing"] for r in again.records] == [r["framing"] for r in result.records]
-    whole = synthesize(_config(tmp_path, tiny_photos, out="whole"), progress=False)
-    assert all(r["framing"] == [0, 0, r["width"], r["height"]] for r in whole.records)
-
-
 def test_same_seed_gives_byte_identical_output_with_any_worker_count(tmp_path, tiny_photos):
     a = _config(tmp_path, tiny_photos, out="a", workers=1)
     b = _config(tmp_path, tiny_photos, out="b", workers=2)
@@ -202,8 +171,6 @@ def test_bad_parameters_are_one_line_errors(capsys):
     assert "unknown: ['sparkle']" in capsys.readouterr().err
     assert cli.main(["bench", "--splits", "{train: 0.5, test: 0.2}"]) == 2
     assert "summing to 1" in capsys.readouterr().err
-    assert cli.main(["bench", "--framing", "[0.9, 0.5]"]) == 2
-    assert "framing must be [min, max]" in capsys.readouterr().err
 
 
 def test_a_manifest_failing_validation_is_not_left_as_good(tmp_path, tiny_photos):

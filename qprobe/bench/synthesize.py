@@ -5,9 +5,7 @@ For every source photo (:mod:`qprobe.data.sources`), ``qprobe bench``:
 1. loads it safely (EXIF, RGB, pixel limit) and skips it with a counted reason if it is too small,
    too large or unreadable;
 2. computes its wavelet texture map once (:mod:`qprobe.bench.texture`);
-3. makes its variants. With ``framing`` below ``[1, 1]`` each variant is first its own random crop
-   of the photo (a different framing, aspect ratio kept), so a handful of photos still gives
-   variants that look different; the texture map is then computed per framing. Each variant draws, from its own seed, 1-3 defect boxes in textured areas
+3. makes its variants. Each variant draws, from its own seed, 1-3 defect boxes in textured areas
    (:mod:`qprobe.bench.regions`) with a type and a severity 1-5, injects each defect in the box's
    neighbourhood only (:mod:`qprobe.bench.degradations`; pixels outside the boxes stay identical
    to the photo), and scores the result with the MOS model (:mod:`qprobe.bench.mos`). A share of
@@ -69,8 +67,8 @@ RECORDS_DIR = "records"
 CONTACT_SHEET = "contact_sheet.jpg"
 INVALID_MANIFEST = "manifest.invalid.parquet"
 # The fields that change the images or records; anything else (paths, workers, limits) does not.
-_FINGERPRINT_FIELDS = ("seed", "framing", "defects_per_image", "region_size", "max_overlap", "top_fraction",
-                       "types", "feather", "format", "texture_size", "texture_levels")
+_FINGERPRINT_FIELDS = ("seed", "defects_per_image", "region_size", "max_overlap", "top_fraction", "types",
+                       "feather", "format", "texture_size", "texture_levels")
 
 
 @dataclass
@@ -90,9 +88,6 @@ class BenchConfig:
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
         "help": "skip photos with more pixels than this (decompression bombs, giant scans)"})
     pristine_fraction: float = field(default=0.15, metadata={"help": "share of images left without defects"})
-    framing: list[float] = field(default_factory=lambda: [1.0, 1.0], metadata={
-        "help": "[min, max] side of each variant's random crop of its photo, as a fraction of the photo's sides "
-                "(the longer side kept >= min_size); [1, 1]: every variant is the whole photo"})
     defects_per_image: list[int] = field(default_factory=lambda: [1, 3], metadata={
         "help": "[min, max] defect boxes per degraded image"})
     region_size: list[float] = field(default_factory=lambda: [0.08, 0.2], metadata={
@@ -126,9 +121,6 @@ class BenchConfig:
             raise ValueError("min_size must be >= 0 and max_pixels >= 1")
         if not 0.0 <= self.pristine_fraction <= 1.0:
             raise ValueError(f"pristine_fraction must be in [0, 1], got {self.pristine_fraction}")
-        lo, hi = _pair(self.framing, "framing")
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"framing must be [min, max] with 0 < min <= max <= 1, got {self.framing}")
         lo, hi = _pair(self.defects_per_image, "defects_per_image")
         if not 1 <= lo <= hi:
             raise ValueError(f"defects_per_image must be [min, max] with 1 <= min <= max, got {self.defects_per_image}")
@@ -257,17 +249,6 @@ def assign_splits(keys: list[str], fractions: dict[str, float], seed: int) -> di
     return result
 
 
-def framing_box(width: int, height: int, framing: tuple[float, float], min_size: int,
-                rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """A random crop ``(x1, y1, x2, y2)`` of a ``width x height`` photo with the photo's aspect ratio, its
-    sides a fraction in ``framing`` of the photo's (raised so the longer side is at least ``min_size``)."""
-    fraction = float(rng.uniform(*framing))
-    fraction = min(1.0, max(fraction, min_size / max(width, height)))
-    w, h = max(1, round(width * fraction)), max(1, round(height * fraction))
-    x1, y1 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
-    return x1, y1, x1 + w, y1 + h
-
-
 def synthesize_image(pixels: np.ndarray, texture: TextureMap, rng: np.random.Generator,
                      cfg: BenchConfig) -> tuple[np.ndarray, list[Defect], list[DefectEvidence]]:
     """Draw boxes, types and severities from ``rng`` and inject them into a copy of ``pixels``."""
@@ -309,22 +290,14 @@ def run_task(task: Task, cfg: BenchConfig) -> TaskResult:
     except SkipPhoto as skip:
         result.skip_reason, result.skip_message = skip.reason, str(skip)
         return result
-    full = (0, 0, photo.pixels.shape[1], photo.pixels.shape[0])
-    textures: dict[tuple[int, int, int, int], TextureMap] = {}
+    texture = texture_map(photo.pixels, cfg.texture_size, cfg.texture_levels)
+    height, width = photo.pixels.shape[:2]
     for job in task.jobs:
-        # Its own generator, so that framing leaves the defects' draws as they are without it.
-        frame_rng = np.random.default_rng([cfg.seed, _hash_int("framing", task.item.key, job.variant)])
-        box = full if tuple(cfg.framing) == (1.0, 1.0) else framing_box(
-            full[2], full[3], (cfg.framing[0], cfg.framing[1]), cfg.min_size, frame_rng)
-        framed = np.ascontiguousarray(photo.pixels[box[1]:box[3], box[0]:box[2]])
-        height, width = framed.shape[:2]
         if job.pristine:
-            pixels, defects, evidence = framed, [], []
+            pixels, defects, evidence = photo.pixels, [], []
         else:
-            if box not in textures:
-                textures[box] = texture_map(framed, cfg.texture_size, cfg.texture_levels)
             rng = image_rng(cfg.seed, task.item.key, job.variant)
-            pixels, defects, evidence = synthesize_image(framed, textures[box], rng, cfg)
+            pixels, defects, evidence = synthesize_image(photo.pixels, texture, rng, cfg)
         score, std = mos(evidence)
         image_path, record_path = _paths(out, job.image_id, cfg.format)
         record = {
@@ -333,7 +306,6 @@ def run_task(task: Task, cfg: BenchConfig) -> TaskResult:
             "source": task.item.uri,
             "width": width,
             "height": height,
-            "framing": list(box),
             "has_defect": bool(defects),
             "defects": [d.to_dict() for d in defects],
             "mos": round(score, 4),
