@@ -206,6 +206,7 @@ def main() -> None:
             results.record(f"decode.batch_{batch}", {"new_tokens": args.new_tokens, **figures})
 
     # Stage 2 as the paper profile trains: frozen tower, checkpointed decoder, the longest trajectory.
+    # (qprobe.train.common.freeze_vision does the same, but importing it needs trl, which the GPU machine lacks.)
     model.train()
     for name, param in model.named_parameters():
         param.requires_grad_("visual." not in f".{name}")
@@ -213,7 +214,7 @@ def main() -> None:
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    images = [view] + [grid(frame, BUDGET)] * 3  # crops as large as the budget allows
+    images = [view] * 4  # the view and 3 crops, each as large as the budget allows
     inputs = conversation(images, args.text_tokens, device, dtype)
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_PAD, -100)
 
