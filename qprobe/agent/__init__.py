@@ -1,1 +1,1 @@
-"""The agent: protocol, crop tool, rollout loop and generation backends (DESIGN.md, Protocol)."""
+"""The agent: protocol, crop tool, rollout loop and generation backends (docs/architecture.md, The protocol)."""

@@ -1,6 +1,6 @@
 """The crop tool: the model's box in global-view pixels -> a native-resolution crop, as an image.
 
-Geometry (DESIGN.md, Coordinates). The *global view* is the photo resized by Qwen2.5-VL's
+Geometry (docs/architecture.md, The protocol: Coordinates). The *global view* is the photo resized by Qwen2.5-VL's
 ``smart_resize`` to the global pixel budget (sides multiples of 28 = one merged 2x2 patch of 14 px).
 A box ``[x1, y1, x2, y2]`` in view pixels maps to original pixels by the per-axis scale
 ``W / w``, ``H / h``; :meth:`Geometry.to_original` and :meth:`Geometry.to_view` are that affine map

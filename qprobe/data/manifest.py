@@ -1,6 +1,6 @@
 """The bench manifest: one row per image, the contract between every stage that reads images.
 
-Columns (``DESIGN.md``, *Bench manifest*):
+Columns (``docs/architecture.md``, *Data schemas*):
 
 ==============  =========================================================================
 ``id``          unique string id

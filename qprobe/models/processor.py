@@ -2,7 +2,7 @@
 
 The stock ``Qwen2_5_VLProcessor`` also builds a video processor, which needs torchvision; the PyPI
 torchvision is a CUDA build that fails to import on CPU machines and then breaks transformers' image
-processing (DESIGN.md, Stack facts). Q-Probe feeds images only, so this subclass takes just the image
+processing (docs/architecture.md, Stack facts). Q-Probe feeds images only, so this subclass takes just the image
 processor (``Qwen2VLImageProcessorPil``: PIL, no torchvision), the tokenizer and the chat template;
 everything else, the expansion of ``<|image_pad|>`` to one token per merged patch included, is the
 stock processor's. Importing this module registers it with ``AutoProcessor`` for Qwen2.5-VL configs.

@@ -1,7 +1,7 @@
 """Public IQA datasets, read from their official release layouts into bench manifests.
 
 ``qprobe data import NAME --root DIR_OR_S3 --out DIR`` reads one release, maps its scores onto
-the pipeline's 1-5 scale (``DESIGN.md``, *Scores*), and writes ``DIR/manifest.parquet`` in the
+the pipeline's 1-5 scale (``docs/architecture.md``, *Data schemas*), and writes ``DIR/manifest.parquet`` in the
 bench manifest schema (:mod:`qprobe.data.manifest`), so evaluation runs on KonIQ-10k, SPAQ, KADID
 and the rest exactly as it runs on Vista-Bench.
 
