@@ -1,0 +1,102 @@
+"""Every stage of dvc.yaml lists the project code its command runs, so a change there re-runs it.
+
+The closure starts at the command's module (``qprobe.cli.COMMANDS``) and follows every import of a
+project module, lazy ones inside functions included: a lazy import runs as surely as a top-level
+one. ``qprobe/cli.py`` is left out: it only dispatches, and listing it would re-run every stage when
+a command is added. ``__init__.py`` files that hold only a docstring are left out too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qprobe.cli import COMMANDS
+
+REPO = Path(__file__).resolve().parents[1]
+DISPATCH_ONLY = {"qprobe/cli.py"}
+
+
+def module_file(name: str) -> Path | None:
+    """The project file of module ``name``, or None for a module outside the project."""
+    if name.split(".")[0] not in ("qprobe", "flows", "tasks"):
+        return None
+    base = REPO.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The absolute names of every module ``path`` imports, at any depth of its code."""
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    if path.name != "__init__.py":
+        package = package.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            names.add(base)
+            # `from pkg import mod` imports a module when `mod` is one
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def closure(module: str) -> set[str]:
+    """Project files (relative to the repo) that running ``module`` can execute."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+        for i in range(1, len(parts) + 1):
+            path = module_file(".".join(parts[:i]))
+            if path is not None and path not in seen:
+                seen.add(path)
+                todo.extend(imported_modules(path))
+    files = {str(p.relative_to(REPO)) for p in seen if p.name != "__init__.py" or has_code(p)}
+    return files - DISPATCH_ONLY
+
+
+def has_code(path: Path) -> bool:
+    """Whether ``path`` holds more than a docstring."""
+    body = ast.parse(path.read_text()).body
+    return any(not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)) for n in body)
+
+
+def covered(file: str, deps: list[str]) -> bool:
+    return any(file == dep or file.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+def stages() -> dict[str, dict]:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("stage", sorted(stages()))
+def test_stage_deps_cover_the_code_its_command_runs(stage: str) -> None:
+    spec = stages()[stage]
+    words = spec["cmd"].split()
+    assert words[0] == "qprobe", f"{stage}: expected a `qprobe` command, got {spec['cmd']!r}"
+    command = " ".join(words[1:3]) if " ".join(words[1:3]) in COMMANDS else words[1]
+    module = COMMANDS[command][0]
+    deps = [str(d) for d in spec.get("deps", [])]
+    missing = sorted(f for f in closure(module) if not covered(f, deps))
+    assert not missing, f"dvc.yaml: stage {stage!r} runs {missing} but does not list them in its deps"
+
+
+def test_closure_follows_lazy_and_relative_imports(tmp_path: Path) -> None:
+    """The closure of the bench command reaches code it imports only inside functions."""
+    files = closure("qprobe.bench.synthesize")
+    assert "qprobe/validation/bench.py" in files  # imported lazily, inside a function
+    assert "qprobe/bench/texture.py" in files
+    assert "qprobe/train/common.py" not in files
