@@ -18,6 +18,10 @@ scored image has nothing to rank against: every sample gets 0.
 Localisation (Q-Probe's R_loc): predicted boxes are matched one-to-one to true boxes by the
 Hungarian algorithm on IoU; the reward is the sum of matched IoUs divided by max(#predicted, #true),
 so missing a defect and inventing one both cost, and a single box against a single box is plain IoU.
+Only the first :data:`MAX_BOXES` boxes of each side are matched (the protocol already refuses answers
+with more defects than that); the rest still count in the denominator, as unmatched boxes do, so a
+flood of boxes cannot buy reward, and the cost stays bounded whatever the model writes. Boxes whose
+arithmetic overflows (corners near +-1e308) have IoU 0 with everything.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from scipy.optimize import linear_sum_assignment
 from scipy.stats import norm
 
 EPS = 1e-8
+# The most boxes per side that matched_iou matches; the protocol's MAX_DEFECTS is within it.
+MAX_BOXES = 64
 Box = Sequence[float]
 
 
@@ -107,21 +113,39 @@ def accuracy(score: float | None, mos: float, tau: float) -> float:
     return math.exp(-abs(score - mos) / tau)
 
 
+def iou_matrix(pred: Sequence[Box], true: Sequence[Box]) -> np.ndarray:
+    """IoU of every ``[x1, y1, x2, y2]`` box of ``pred`` (rows) with every one of ``true`` (columns).
+
+    Empty boxes give 0, and so does any pair whose arithmetic overflows to inf or nan, rather than a
+    nan that would break the matching.
+    """
+    p = np.asarray(pred, dtype=np.float64).reshape(-1, 4)
+    t = np.asarray(true, dtype=np.float64).reshape(-1, 4)
+    with np.errstate(all="ignore"):
+        ix = np.maximum(0.0, np.minimum(p[:, None, 2], t[None, :, 2]) - np.maximum(p[:, None, 0], t[None, :, 0]))
+        iy = np.maximum(0.0, np.minimum(p[:, None, 3], t[None, :, 3]) - np.maximum(p[:, None, 1], t[None, :, 1]))
+        inter = ix * iy
+        area_p = (p[:, 2] - p[:, 0]) * (p[:, 3] - p[:, 1])
+        area_t = (t[:, 2] - t[:, 0]) * (t[:, 3] - t[:, 1])
+        union = area_p[:, None] + area_t[None, :] - inter
+        values = np.where(union > 0, inter / union, 0.0)
+    return np.where(np.isfinite(values), values, 0.0)
+
+
 def iou(a: Box, b: Box) -> float:
     """Intersection over union of two ``[x1, y1, x2, y2]`` boxes (0 for empty boxes)."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    return float(iou_matrix([a], [b])[0, 0])
 
 
 def matched_iou(pred: Sequence[Box], true: Sequence[Box]) -> float:
-    """Sum of Hungarian-matched IoUs over max(#pred, #true); 1.0 when both are empty."""
-    if not pred and not true:
+    """Sum of Hungarian-matched IoUs over max(#pred, #true); 1.0 when both are empty.
+
+    Only the first :data:`MAX_BOXES` of each side are matched; the others count as unmatched.
+    """
+    if not len(pred) and not len(true):
         return 1.0
-    if not pred or not true:
+    if not len(pred) or not len(true):
         return 0.0
-    matrix = np.array([[iou(p, t) for t in true] for p in pred])
+    matrix = iou_matrix(pred[:MAX_BOXES], true[:MAX_BOXES])
     rows, cols = linear_sum_assignment(matrix, maximize=True)
     return float(matrix[rows, cols].sum() / max(len(pred), len(true)))

@@ -13,7 +13,8 @@ thurstone_soft the same against a soft, DeQA-style ground truth from ``mos_std``
 accuracy       ``exp(-|score - MOS| / tau)`` (stage 3's R_acc)                       ``mos``
 localization   1[has_defect] x Hungarian-matched IoU in original pixels (R_loc)      ``has_defect``, ``defects``,
                                                                                      ``width``, ``height``
-format         1 when every assistant turn passes the protocol's strict check        none
+format         1 when every assistant turn passes the protocol's strict check,       none
+               boxes inside the view the prompt states
 ============== ===================================================================== ====================
 
 A completion is trl's: a string, or (conversational prompts) a list of messages, the assistant ones
@@ -22,7 +23,8 @@ possibly split by trl's response parser into ``reasoning_content`` / ``content``
 the model used the crop tool. The score and the defect boxes come from the last assistant turn.
 
 No reward raises on model output: an empty, truncated, absurd or unparseable completion (``None``
-content included) scores :data:`MIN_REWARD`, 0, the least any reward here gives. They do raise on a
+content included, numbers of 400 digits or 1e308, ten thousand boxes) scores :data:`MIN_REWARD`, 0,
+the least any reward here gives; every value is a finite float (tests/test_parser_properties.py). They do raise on a
 batch laid out against their contract (see :func:`thurstone`): that is a configuration error.
 
 The stages build their reward list with :func:`build_rewards` from a ``{name: weight}`` mapping and
@@ -70,10 +72,13 @@ def final_answer(completion: Any) -> protocol.Answer | None:
     return parsed if isinstance(parsed, protocol.Answer) else None
 
 
-def well_formed(completion: Any) -> bool:
-    """Every assistant turn passes the strict check; all but the last are crop calls, the last the answer."""
+def well_formed(completion: Any, view_size: tuple[int, int] | None = None) -> bool:
+    """Every assistant turn passes the strict check; all but the last are crop calls, the last the answer.
+
+    With ``view_size`` (the global view's, as the prompt states it) every box must also lie inside it.
+    """
     texts = assistant_texts(completion)
-    if not texts or not all(protocol.format_ok(t) for t in texts):
+    if not texts or not all(protocol.format_ok(t, view_size) for t in texts):
         return False
     parsed = [protocol.parse_assistant(t) for t in texts]
     return (all(isinstance(p, protocol.ToolCall) for p in parsed[:-1])
@@ -139,8 +144,9 @@ def localization(prompts: Sequence[Any], completions: Sequence[Any], *, has_defe
     """1[has_defect] x Hungarian-matched IoU of the answer's boxes and the true ones, in original pixels.
 
     The answer's boxes are in global-view pixels; the view is the photo (``width`` x ``height``) resized
-    to ``global_max_pixels``, so :class:`~qprobe.agent.crop.Geometry` maps them back exactly. A clean
-    photo gives 0 whatever the answer (the indicator), as does an answer that does not parse.
+    to ``global_max_pixels``, so :class:`~qprobe.agent.crop.Geometry` maps them back exactly, after
+    clamping them to the view (a box outside it matches nothing). A clean photo gives 0 whatever the
+    answer (the indicator), as does an answer that does not parse.
     """
     rewards = []
     for completion, flagged, truth, w, h in zip(completions, has_defect, defects, width, height, strict=True):
@@ -149,14 +155,16 @@ def localization(prompts: Sequence[Any], completions: Sequence[Any], *, has_defe
             rewards.append(MIN_REWARD)
             continue
         geometry = Geometry.for_size((w, h), global_max_pixels)
-        predicted = [geometry.to_original(protocol.ordered_box(d.bbox)) for d in answer.defects]
+        predicted = [geometry.to_original(geometry.clamp(d.bbox)) for d in answer.defects]
         rewards.append(reward_math.matched_iou(predicted, [d["bbox"] for d in truth]))
     return rewards
 
 
 def format_reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
-    """1 for a well-formed trajectory (:func:`well_formed`), else 0."""
-    return [1.0 if well_formed(c) else MIN_REWARD for c in completions]
+    """1 for a well-formed trajectory (:func:`well_formed`) whose boxes lie in the view its prompt
+    states (:func:`~qprobe.agent.protocol.view_size_of`; any view when the prompt states none), else 0."""
+    return [1.0 if well_formed(c, protocol.view_size_of(p)) else MIN_REWARD
+            for p, c in zip(prompts, completions, strict=True)]
 
 
 REWARDS: dict[str, RewardFn] = {

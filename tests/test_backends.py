@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import csv
 import io
 import json
 import socket
@@ -14,17 +15,30 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from qprobe.agent.backends import OpenAIBackend, TransformersBackend, make_backend, to_openai_messages
+from qprobe.agent.backends import (
+    DEFAULT_READ_TIMEOUT,
+    OpenAIBackend,
+    TransformersBackend,
+    make_backend,
+    to_openai_messages,
+)
 from qprobe.agent.protocol import render_answer, render_tool_call, render_turn
 from qprobe.agent.rollout import RolloutConfig, rollout
 from qprobe.errors import QProbeError
 
 
 class FakeServer:
-    """A chat-completions server on 127.0.0.1: replays ``replies``, may fail first, records requests."""
+    """A chat-completions server on 127.0.0.1: replays ``replies``, may fail first, records requests.
 
-    def __init__(self, replies: list[str], failures: int = 0, status: int = 500) -> None:
+    A reply is the assistant's text, or a whole answer body (any JSON value) to send as it is;
+    ``models`` is what ``/v1/models`` answers.
+    """
+
+    def __init__(self, replies: list[str | object], failures: int = 0, status: int = 500,
+                 models: object = None) -> None:
         self.replies = list(replies)
+        self.models = models if models is not None else {"object": "list",
+                                                          "data": [{"id": "Qwen/Qwen2.5-VL-7B-Instruct"}]}
         self.failures = failures
         self.status = status
         self.requests: list[dict] = []
@@ -34,8 +48,8 @@ class FakeServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def _send(self, code: int, body: dict | str) -> None:
-                data = (json.dumps(body) if isinstance(body, dict) else body).encode()
+            def _send(self, code: int, body: object) -> None:
+                data = (body if isinstance(body, str) else json.dumps(body)).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -44,7 +58,7 @@ class FakeServer:
 
             def do_GET(self) -> None:
                 if self.path == "/v1/models":
-                    self._send(200, {"object": "list", "data": [{"id": "Qwen/Qwen2.5-VL-7B-Instruct"}]})
+                    self._send(200, server.models)
                 else:
                     self._send(404, {"error": "not found"})
 
@@ -55,10 +69,8 @@ class FakeServer:
                     server.failures -= 1
                     self._send(server.status, "overloaded")
                     return
-                text = server.replies.pop(0)
-                self._send(200, {"choices": [{"message": {"role": "assistant", "content": text},
-                                              "finish_reason": "stop"}],
-                                 "usage": {"prompt_tokens": 1500, "completion_tokens": 40}})
+                reply = server.replies.pop(0)
+                self._send(200, _completion(reply) if isinstance(reply, str) else reply)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -71,6 +83,11 @@ class FakeServer:
     def __exit__(self, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _completion(text: str, usage: object = None) -> dict:
+    return {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": usage if usage is not None else {"prompt_tokens": 1500, "completion_tokens": 40}}
 
 
 @pytest.fixture
@@ -165,3 +182,113 @@ def test_local_backend_picks_cpu_float32_and_generates(tiny_model_dir: Path) -> 
     first = backend.generate(messages, max_new_tokens=5, temperature=1.0, seed=3)
     again = backend.generate(messages, max_new_tokens=5, temperature=1.0, seed=3)
     assert first.text == again.text and first.completion_tokens <= 5 and first.prompt_tokens > 0
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"choices": []}, "expected choices[0].message, got {'choices': []}"),
+    ([1, 2], "expected choices[0].message"),
+    ({"choices": [{"message": "hi"}]}, "expected choices[0].message"),
+    ({"choices": [{"message": {"content": ["x"]}}]}, "choices[0].message.content must be text"),
+    (_completion(ANSWER, usage="lots"), "usage must be an object, got 'lots'"),
+    (_completion(ANSWER, usage={"prompt_tokens": "12"}), "usage.prompt_tokens must be a count, got '12'"),
+    (_completion(ANSWER, usage={"completion_tokens": 10**400}), "usage.completion_tokens must be a count, got a huge"),
+])
+def test_a_malformed_answer_is_one_line_naming_the_url(body: object, message: str) -> None:
+    with FakeServer([body]) as server:
+        backend = OpenAIBackend(server.url, backoff=0.01)
+        with pytest.raises(QProbeError) as info:
+            backend.generate([{"role": "user", "content": "hi"}], max_new_tokens=8)
+    text = str(info.value)
+    assert text.startswith(f"{server.url}/chat/completions: ") and message in text and "\n" not in text
+
+
+def test_a_model_listing_that_is_not_an_object_is_one_line() -> None:
+    with FakeServer([], models=[{"id": "m"}]) as server, pytest.raises(QProbeError) as info:
+        OpenAIBackend(server.url)
+    assert str(info.value) == f"{server.url}/models: expected an object with a 'data' list, got [{{'id': 'm'}}]"
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.connections: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.connections.append(self.sock.accept()[0])
+            except TimeoutError:
+                continue
+
+    def __enter__(self) -> SilentServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        for conn in self.connections:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.mark.slow  # waits out the default read timeout (45 s)
+@pytest.mark.timeout(60)  # the guard: with the defaults a server that never answers fails within 60 s
+def test_score_against_a_server_that_never_answers_fails_with_the_default_timeout(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qprobe.cli import main
+
+    photo = tmp_path / "a.png"
+    Image.new("RGB", (64, 48)).save(photo)
+    with SilentServer() as server:
+        rc = main(["score", str(photo), "--model", server.url])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert f"{server.url}/models: no answer within {DEFAULT_READ_TIMEOUT:g} s" in err[0]
+    assert len(server.connections) == 1  # a stuck request is not sent again
+
+
+def test_score_over_a_malformed_endpoint_records_the_bad_photo_and_scores_the_rest(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qprobe.cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (64, 48), (90, 90, 90)).save(folder / f"{name}.png")
+    huge_box = render_turn("soft", '<answer>{"score": 2.5, "defects": [{"bbox_2d": [-1e308, -1e308, 1e308, 1e308], '
+                                   '"type": "blur"}]}</answer>')
+    huge_score = render_turn("fine", '<answer>{"score": ' + "9" * 400 + ', "defects": []}</answer>')
+    out = tmp_path / "out"
+    with FakeServer([huge_box, _completion(ANSWER, usage="lots"), huge_score], models=[{"id": "m"}]) as server:
+        flags = ["--model", server.url, "--out", str(out), "--global-max-pixels", "3136", "--crop-max-pixels", "3136"]
+        assert main(["score", str(folder), *flags]) == 2  # a list from /v1/models: no model to talk to
+        listing = capsys.readouterr().err.strip().splitlines()
+        rc = main(["score", str(folder), "--served-model", "m", *flags])
+    assert len(listing) == 1 and f"{server.url}/models: expected an object with a 'data' list" in listing[0]
+    assert rc == 1 and f"skipped: {folder / 'b.png'}: {server.url}/chat/completions: usage" in capsys.readouterr().err
+    rows = {Path(r["image"]).name: r for r in csv.DictReader((out / "results.csv").open())}
+    assert rows["a.png"]["score"] == "2.5" and not rows["a.png"]["error"]
+    assert json.loads(rows["a.png"]["defects"])[0]["bbox_original"] == [0, 0, 64, 48]  # clamped to the photo
+    assert rows["b.png"]["error"] == (f"{folder / 'b.png'}: {server.url}/chat/completions: usage must be an "
+                                      "object, got 'lots'")
+    assert rows["c.png"]["failure_kind"] == "score_out_of_range" and not rows["c.png"]["score"]
+    assert not rows["c.png"]["error"]
+
+
+def test_an_agent_scorer_records_an_endpoint_failure_as_its_prediction() -> None:
+    from qprobe.eval.baselines import AgentScorer
+
+    photo = Image.new("RGB", (64, 48))
+    with FakeServer([_completion(ANSWER, usage="lots"), ANSWER]) as server:
+        scorer = AgentScorer(OpenAIBackend(server.url), RolloutConfig(global_max_pixels=3136, crop_max_pixels=3136))
+        failed, scored = scorer(photo), scorer(photo)
+    assert failed.score is None and failed.outcome == "error" and failed.trace is None
+    assert failed.error == f"{server.url}/chat/completions: usage must be an object, got 'lots'"
+    assert scored.score == 2.5 and scored.outcome == "answer" and scored.error is None

@@ -195,3 +195,27 @@ def test_bad_settings_are_config_errors(bench: Path, tmp_path: Path) -> None:
         _config(bench, tmp_path, "--baselines", "[piqe, niqe]")
     with pytest.raises(ConfigError, match="crop_bias_crops"):
         _config(bench, tmp_path, "--crop-bias-crops", "6")
+
+
+class FirstCallFails(ScriptedBackend):
+    """The scripted model behind an endpoint that answers its first request out of shape."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def generate(self, messages: list, **kwargs: object) -> object:
+        self.calls += 1
+        if self.calls == 1:
+            raise QProbeError("http://127.0.0.1:1/v1/chat/completions: usage must be an object, got 'lots'")
+        return super().generate(messages, **kwargs)
+
+
+def test_an_endpoint_failure_on_one_image_is_recorded_and_the_rest_evaluated(bench: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = _config(bench, out, "--max-new-tokens", "200", "--baselines", "[]", "--crop-bias-images", "0",
+                  "--repeat-images", "0", "--bokeh-limit", "0", "--training-stages", "[]")
+    result = evaluate(cfg, backend=FirstCallFails())
+    assert result.metrics["bench.qprobe.outcome.error"] == 1 and result.metrics["bench.qprobe.outcome.answer"] == 7
+    failed = result.predictions[result.predictions["outcome"] == "error"]
+    assert len(failed) == 1 and failed["score"].isna().all() and "usage must be an object" in failed["error"].iloc[0]
+    assert "usage must be an object" in (out / "predictions.csv").read_text()

@@ -8,15 +8,23 @@ chat-completions endpoint such as ``vllm serve Qwen/Qwen2.5-VL-7B-Instruct``: im
 lossless PNG data URLs (a quality judge must not see recompression), tool turns go as user turns
 wrapped in ``<tool_response>`` exactly as the chat template renders them, so the stock Qwen2.5-VL
 template on the server sees the same text (serve with ``--chat-template
-qprobe/agent/chat_template.jinja`` for token-identical prompts). Network failures and 5xx/429
-answers are retried with exponential backoff; an endpoint that stays down is a
-:class:`~qprobe.errors.QProbeError` naming the URL.
+qprobe/agent/chat_template.jinja`` for token-identical prompts).
+
+Every request has a connect timeout and a read timeout. A refused or timed-out connection, a dropped
+one and a 5xx/429 answer are retried with exponential backoff, each retry logged; a read timeout is
+not: the server took the request and is still on it or stuck, and asking again would only add to its
+queue and multiply the wait. With the defaults (5 s to connect, 45 s to answer, 4 retries from 1 s)
+a server that accepts connections and never answers fails in 45 s, one that refuses them in about
+15 s. Whatever goes wrong (down, stuck, an error status, an answer that is not JSON or not shaped like
+a chat completion) is a one-line :class:`~qprobe.errors.QProbeError` naming the URL, so a batch can
+record it against the one photo and go on.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +37,11 @@ from qprobe.agent.protocol import message_text
 from qprobe.errors import QProbeError
 from qprobe.models.factory import is_endpoint
 
+log = logging.getLogger(__name__)
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 45.0
+DEFAULT_RETRIES = 4
 
 @dataclass(frozen=True)
 class Generation:
@@ -136,14 +149,16 @@ class OpenAIBackend:
 
     RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
-    def __init__(self, url: str, model: str | None = None, timeout: float = 120.0, max_retries: int = 4,
+    def __init__(self, url: str, model: str | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 read_timeout: float = DEFAULT_READ_TIMEOUT, max_retries: int = DEFAULT_RETRIES,
                  backoff: float = 1.0, api_key: str | None = None) -> None:
         if not is_endpoint(url):
             raise QProbeError(f"{url}: an endpoint URL starts with http:// or https://")
         parts = urlsplit(url.rstrip("/"))
         # The OpenAI convention is a base URL ending in /v1; a bare host gets it added.
         self.base_url = url.rstrip("/") + ("/v1" if parts.path in ("", "/") else "")
-        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self.max_retries = max_retries
         self.backoff = backoff
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
@@ -151,36 +166,47 @@ class OpenAIBackend:
         self.model = model or self._served_model()
         self.name = f"{self.base_url} ({self.model})"
 
-    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
+        """The decoded JSON answer to one request, retried as the module docstring says."""
         import requests
 
         url = self.base_url + path
         problem = ""
         for attempt in range(self.max_retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                delay = self.backoff * 2 ** (attempt - 1)
+                log.warning("%s: %s; retry %d of %d in %g s", url, problem, attempt, self.max_retries, delay)
+                time.sleep(delay)
             try:
-                response = requests.request(method, url, json=payload, headers=self._headers, timeout=self.timeout)
-            except requests.Timeout:
-                problem = f"no answer within {self.timeout:g} s"
+                response = requests.request(method, url, json=payload, headers=self._headers,
+                                            timeout=(self.connect_timeout, self.read_timeout))
+            except requests.ReadTimeout as exc:
+                raise QProbeError(f"{url}: no answer within {self.read_timeout:g} s (read timeout; "
+                                  "a stuck request is not retried)") from exc
+            except requests.ConnectTimeout:
+                problem = f"no connection within {self.connect_timeout:g} s"
                 continue
-            except requests.ConnectionError as exc:
+            except requests.RequestException as exc:  # refused, reset, dropped mid-answer
                 problem = f"cannot connect ({_first_line(exc)})"
                 continue
             if response.status_code in self.RETRY_STATUS:
-                problem = f"HTTP {response.status_code}: {response.text.strip()[:200]}"
+                problem = f"HTTP {response.status_code}: {_one_line(response.text, 200)}"
                 continue
             if response.status_code >= 400:
-                raise QProbeError(f"{url}: HTTP {response.status_code}: {response.text.strip()[:300]}")
+                raise QProbeError(f"{url}: HTTP {response.status_code}: {_one_line(response.text, 300)}")
             try:
                 return response.json()
-            except ValueError as exc:
-                raise QProbeError(f"{url}: the answer is not JSON ({response.text.strip()[:200]!r})") from exc
+            except (ValueError, RecursionError) as exc:
+                raise QProbeError(f"{url}: the answer is not JSON ({_one_line(response.text, 200)!r})") from exc
         raise QProbeError(f"{url}: unreachable after {self.max_retries + 1} attempts: {problem}")
 
     def _served_model(self) -> str:
         listing = self._request("GET", "/models")
-        models = [m.get("id") for m in listing.get("data", []) if isinstance(m, dict) and m.get("id")]
+        data = listing.get("data") if isinstance(listing, dict) else None
+        if not isinstance(data, list):
+            raise QProbeError(f"{self.base_url}/models: expected an object with a 'data' list, got "
+                              f"{_preview(listing)}")
+        models = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]]
         if not models:
             raise QProbeError(f"{self.base_url}/models: the server lists no model; name one with --served-model")
         return models[0]
@@ -198,28 +224,58 @@ class OpenAIBackend:
             "skip_special_tokens": True,
         }
         answer = self._request("POST", "/chat/completions", payload)
-        try:
-            choice = answer["choices"][0]
-            text = choice["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise QProbeError(f"{self.base_url}/chat/completions: unexpected answer {str(answer)[:200]}") from exc
-        usage = answer.get("usage") or {}
-        return Generation(
-            text=text,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
-            seconds=time.perf_counter() - start,
-        )
+        text, finish_reason, prompt_tokens, completion_tokens = _completion(answer, f"{self.base_url}/chat/completions")
+        return Generation(text=text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          finish_reason=finish_reason, seconds=time.perf_counter() - start)
+
+
+def _completion(answer: Any, url: str) -> tuple[str, str, int, int]:
+    """Text, finish reason ("stop" or "length") and token counts of a chat-completions answer.
+
+    A missing ``content`` is an empty turn and a missing ``usage`` counts 0 tokens (servers differ);
+    anything present but of the wrong shape is a :class:`QProbeError`: the server is not speaking the
+    protocol, and a guess would put made-up numbers into the results.
+    """
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict):
+        raise QProbeError(f"{url}: expected choices[0].message, got {_preview(answer)}")
+    text = message.get("content")
+    if not isinstance(text, str | None):
+        raise QProbeError(f"{url}: choices[0].message.content must be text, got {_preview(text)}")
+    usage = answer.get("usage")
+    if not isinstance(usage, dict | None):
+        raise QProbeError(f"{url}: usage must be an object, got {_preview(usage)}")
+    counts = []
+    for key in ("prompt_tokens", "completion_tokens"):
+        value = (usage or {}).get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31):
+            raise QProbeError(f"{url}: usage.{key} must be a count, got {_preview(value)}")
+        counts.append(value or 0)
+    finish = "length" if choice.get("finish_reason") == "length" else "stop"
+    return text or "", finish, counts[0], counts[1]
+
+
+def _preview(value: Any) -> str:
+    """A short one-line rendering of a JSON value for an error message."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
+        return "a huge integer"
+    return _one_line(repr(value), 80)
+
+
+def _one_line(text: str, limit: int) -> str:
+    return " ".join(text.split())[:limit]
 
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
-def make_backend(spec: str, *, served_model: str | None = None, timeout: float = 120.0,
-                 max_retries: int = 4) -> Backend:
+def make_backend(spec: str, *, served_model: str | None = None, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 read_timeout: float = DEFAULT_READ_TIMEOUT, max_retries: int = DEFAULT_RETRIES) -> Backend:
     """A backend for ``--model``: an ``http(s)://`` endpoint, else a checkpoint folder."""
     if is_endpoint(spec):
-        return OpenAIBackend(spec, model=served_model, timeout=timeout, max_retries=max_retries)
+        return OpenAIBackend(spec, model=served_model, connect_timeout=connect_timeout, read_timeout=read_timeout,
+                             max_retries=max_retries)
     return TransformersBackend(spec)

@@ -35,7 +35,7 @@ from typing import Any
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from qprobe.agent.protocol import Box, region_line
+from qprobe.agent.protocol import Box, ordered_box, region_line
 from qprobe.errors import QProbeError
 from qprobe.io import load_image
 
@@ -100,6 +100,16 @@ class Geometry:
             min(height, math.ceil(y2 * sy)),
         )
 
+    def clamp(self, box: Box) -> Box:
+        """``box`` (finite, view pixels) with its corners sorted and clamped to the view.
+
+        A box wholly outside the view becomes an empty one on its edge. Scoring maps answer boxes
+        to original pixels through this, so an absurd box (1e308) costs IoU, never an overflow.
+        """
+        w, h = self.view
+        x1, y1, x2, y2 = ordered_box(box)
+        return (min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w), min(max(y2, 0.0), h))
+
     def repair(self, box: Any) -> Box | str:
         """The box the tool will crop, in view pixels, or the reason it cannot (a text for the model).
 
@@ -117,12 +127,10 @@ class Geometry:
         if not all(math.isfinite(v) for v in values):
             return "bbox_2d must hold four finite numbers"
         w, h = self.view
-        x1, x2 = sorted((values[0], values[2]))
-        y1, y2 = sorted((values[1], values[3]))
+        x1, y1, x2, y2 = ordered_box(tuple(values))
         if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
             return f"the box {[_n(v) for v in box]} lies outside the {w}x{h} global view"
-        x1, x2 = max(0.0, x1), min(float(w), x2)
-        y1, y2 = max(0.0, y1), min(float(h), y2)
+        x1, y1, x2, y2 = self.clamp((x1, y1, x2, y2))
         if x2 - x1 <= 0 or y2 - y1 <= 0:
             return f"the box {[_n(v) for v in box]} has zero width or height"
         x1, x2 = _grow(x1, x2, w)

@@ -15,7 +15,9 @@ user prompt states the view's size. :mod:`qprobe.agent.crop` maps boxes to origi
 :func:`parse_assistant` never raises: malformed output is a :class:`ParseFailure` whose
 :class:`FailureKind` is counted by evaluation and costs format reward in RL. It is lenient where
 leniency is unambiguous (a missing ``<think>``, whitespace inside tags, a missing ``defects`` list);
-:func:`format_failure` is the strict check behind the format reward.
+:func:`format_failure` is the strict check behind the format reward. Both run in time linear in the
+text (plain scans for the tags, no backtracking regex): a runaway generation of 100,000 characters
+costs milliseconds, not minutes, inside a GRPO step.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ NATIVE_SCALE = 1.25
 # The bench's degradation types (Vista-Bench); the prompt lists them and the strict format check
 # accepts only these, so the bench and the protocol must share this tuple.
 DEFECT_TYPES: tuple[str, ...] = ("blur", "noise", "jpeg", "ringing", "pixelation", "banding")
+# An answer listing more defects than this is a parse failure: a bench photo has a handful, and box
+# matching (Hungarian, cubic in the count) must stay cheap whatever the model writes.
+MAX_DEFECTS = 32
 
 # The crop tool as a function schema, in the form `transformers.utils.get_json_schema` derives from
 # `CropTool.crop` (tests hold the two equal), so trl's tool rendering and this prompt agree.
@@ -107,6 +112,23 @@ def user_prompt(view_size: tuple[int, int], original_size: tuple[int, int], max_
         head = (f"This is the global view of a photo, {w}x{h} pixels, downscaled {scale:.1f}x from the photo "
                 f"itself, {ow}x{oh}.")
     return f"{head} Rate its quality. You may crop up to {max_crops} regions."
+
+
+# How :func:`user_prompt` states the view's size, in both of its openings.
+_VIEW_SIZE = re.compile(r", (\d{1,6})x(\d{1,6}) pixels")
+
+
+def view_size_of(prompt: Any) -> tuple[int, int] | None:
+    """The global view's ``(width, height)`` as the first user turn of ``prompt`` states it, else ``None``.
+
+    ``prompt`` is what trl hands a reward: a message list (or the user text itself). The size the
+    model was told is the frame its boxes must lie in, whatever the dataset's other columns hold.
+    """
+    if isinstance(prompt, list):
+        user = next((m for m in prompt if isinstance(m, dict) and m.get("role") == "user"), None)
+        prompt = _text_of(user.get("content")) if user is not None else ""
+    match = _VIEW_SIZE.search(prompt) if isinstance(prompt, str) else None
+    return (int(match[1]), int(match[2])) if match else None
 
 
 def region_line(view_box: Box, original_box: tuple[int, int, int, int], original_size: tuple[int, int],
@@ -191,22 +213,32 @@ def message_text(message: dict[str, Any]) -> str:
     parts: list[str] = []
     if message.get("reasoning_content"):
         parts.append(f"<think>{message['reasoning_content']}</think>\n")
-    content = message.get("content")
-    if isinstance(content, str):
-        text = content
-    elif isinstance(content, list):
-        text = "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
-    else:
-        text = ""
+    text = _text_of(message.get("content"))
     parts.append(text)
-    for i, call in enumerate(message.get("tool_calls") or []):
+    calls = message.get("tool_calls")
+    for i, call in enumerate(calls if isinstance(calls, list) else []):
         fn = call.get("function", call) if isinstance(call, dict) else {}
+        fn = fn if isinstance(fn, dict) else {}
         args = fn.get("arguments")
-        args_text = args if isinstance(args, str) else json.dumps(args)
+        try:
+            args_text = args if isinstance(args, str) else json.dumps(args)
+            name = json.dumps(fn.get("name"))
+        except (TypeError, ValueError):  # not JSON-serialisable: the model cannot have written it
+            args_text, name = "null", "null"
         if i or text:
             parts.append("\n")
-        parts.append(f'<tool_call>{{"name": {json.dumps(fn.get("name"))}, "arguments": {args_text}}}</tool_call>')
+        parts.append(f'<tool_call>{{"name": {name}, "arguments": {args_text}}}</tool_call>')
     return "".join(parts)
+
+
+def _text_of(content: Any) -> str:
+    """The text of a message's content: a string, or the text blocks of a block list; else empty."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(b["text"] for b in content
+                       if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str))
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,7 +323,19 @@ def render_turn(think: str, action: str) -> str:
 
 
 _ACTION_OPEN = re.compile(r"<(tool_call|answer)>")
-_TRAILING_SPECIALS = re.compile(r"(?:\s*(?:<\|im_end\|>|<\|endoftext\|>))+\s*$")
+_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def _strip_end(text: str) -> str:
+    """``text`` without trailing whitespace and end-of-turn tokens, found by one backward scan."""
+    end = len(text)
+    while True:
+        while end and text[end - 1].isspace():
+            end -= 1
+        token = next((t for t in _END_TOKENS if text.startswith(t, end - len(t), end)), None)
+        if token is None:
+            return text[:end]
+        end -= len(token)
 
 
 def parse_assistant(text: Any) -> Parsed:
@@ -301,7 +345,7 @@ def parse_assistant(text: Any) -> Parsed:
     """
     if not isinstance(text, str):
         return ParseFailure(FailureKind.EMPTY, f"expected text, got {type(text).__name__}")
-    body = _TRAILING_SPECIALS.sub("", text)
+    body = _strip_end(text)
     if not body.strip():
         return ParseFailure(FailureKind.EMPTY, "empty output", text)
     opens: dict[str, list[re.Match[str]]] = {"tool_call": [], "answer": []}
@@ -336,8 +380,15 @@ def parse_assistant(text: Any) -> Parsed:
 
 
 def _think_text(prefix: str) -> str:
-    blocks = re.findall(r"<think>(.*?)</think>", prefix, flags=re.DOTALL)
-    return "\n".join(b.strip() for b in blocks)
+    """The ``<think>`` blocks of ``prefix``, each from an opening tag to the next closing one, joined."""
+    blocks, pos = [], 0
+    while (start := prefix.find("<think>", pos)) >= 0:
+        close = prefix.find("</think>", start + len("<think>"))
+        if close < 0:  # no later block can close either
+            break
+        blocks.append(prefix[start + len("<think>"): close].strip())
+        pos = close + len("</think>")
+    return "\n".join(blocks)
 
 
 def _tool_call(payload: Any, think: str, text: str) -> Parsed:
@@ -358,13 +409,15 @@ def _answer(payload: Any, think: str, text: str) -> Parsed:
     if not isinstance(payload, dict) or "score" not in payload or set(payload) - {"score", "defects"}:
         return ParseFailure(FailureKind.WRONG_KEYS, 'an answer is {"score": ..., "defects": [...]}', text)
     score = payload["score"]
-    if isinstance(score, bool) or not isinstance(score, int | float) or math.isnan(score):
-        return ParseFailure(FailureKind.SCORE_NOT_NUMBER, f"score {str(score)[:20]!r} is not a number", text)
-    if not SCORE_MIN <= score <= SCORE_MAX:
-        return ParseFailure(FailureKind.SCORE_OUT_OF_RANGE, f"score {score} is outside 1-5", text)
+    if isinstance(score, bool) or not isinstance(score, int | float) or score != score:  # NaN
+        return ParseFailure(FailureKind.SCORE_NOT_NUMBER, f"score {_clip(score)!r} is not a number", text)
+    if not SCORE_MIN <= score <= SCORE_MAX:  # exact for integers of any size, and for +-inf
+        return ParseFailure(FailureKind.SCORE_OUT_OF_RANGE, f"score {_clip(score)} is outside 1-5", text)
     raw_defects = payload.get("defects", [])
     if not isinstance(raw_defects, list):
         return ParseFailure(FailureKind.BAD_DEFECT, "defects must be a list", text)
+    if len(raw_defects) > MAX_DEFECTS:
+        return ParseFailure(FailureKind.BAD_DEFECT, f"{len(raw_defects)} defects; at most {MAX_DEFECTS}", text)
     defects = []
     for item in raw_defects:
         if not isinstance(item, dict) or set(item) != {"bbox_2d", "type"}:
@@ -376,6 +429,14 @@ def _answer(payload: Any, think: str, text: str) -> Parsed:
             return ParseFailure(FailureKind.BAD_BOX, "a defect bbox_2d must be four finite numbers", text)
         defects.append(Defect(bbox=box, type=item["type"].strip().lower()))
     return Answer(score=float(score), defects=tuple(defects), think=think)
+
+
+def _clip(value: Any) -> str:
+    """At most 20 characters of ``value``: a detail line stays one short line, and a number with
+    thousands of digits is never converted to text whole (Python refuses past 4300 digits)."""
+    if isinstance(value, int) and abs(value) >= 10**20:
+        return "a huge integer"
+    return str(value)[:20]
 
 
 def ordered_box(box: Box) -> Box:
@@ -400,34 +461,51 @@ def _box(value: Any) -> Box | None:
     return box  # type: ignore[return-value]
 
 
-_STRICT = re.compile(
-    r"\A<think>(?P<think>(?:(?!</?think>).)*?\S(?:(?!</?think>).)*?)</think>\s*"
-    r"(?:<tool_call>(?:(?!</?tool_call>).)*</tool_call>|<answer>(?:(?!</?answer>).)*</answer>)\s*\Z",
-    flags=re.DOTALL,
-)
+def _strict_layout(body: str) -> bool:
+    """``body`` (stripped) is one non-empty ``<think>`` block, then one tool call or answer block, and
+    nothing else but whitespace; no block holds another opening tag of its own kind. Each tag is found
+    with one forward search, so the check is linear in the text."""
+    if not body.startswith("<think>"):
+        return False
+    close = body.find("</think>")
+    think = body[len("<think>"): close]
+    if close < 0 or "<think>" in think or not think.strip():
+        return False
+    action = body[close + len("</think>"):].lstrip()
+    for tag in ("tool_call", "answer"):
+        opening, closing = f"<{tag}>", f"</{tag}>"
+        if action.startswith(opening):
+            end = action.find(closing)
+            return (end >= 0 and opening not in action[len(opening): end]
+                    and not action[end + len(closing):].strip())
+    return False
 
 
-def format_failure(text: Any) -> ParseFailure | None:
+def format_failure(text: Any, view_size: tuple[int, int] | None = None) -> ParseFailure | None:
     """The strict format check behind the format reward: ``None`` when ``text`` is a well-formed turn.
 
     Well-formed: exactly one non-empty ``<think>`` block first, then exactly one tool call or answer
     that parses, nothing else but whitespace (a trailing ``<|im_end|>`` is allowed); boxes with
-    ``x1 < x2`` and ``y1 < y2`` in non-negative pixels; an answer lists its ``defects`` (maybe empty)
-    with types from :data:`DEFECT_TYPES`.
+    ``x1 < x2`` and ``y1 < y2`` in non-negative pixels, inside the global view when ``view_size``
+    (``(width, height)``, as the prompt states it: :func:`view_size_of`) is given; an answer lists its
+    ``defects`` (maybe empty) with types from :data:`DEFECT_TYPES`.
     """
     parsed = parse_assistant(text)
     if isinstance(parsed, ParseFailure):
         return parsed
-    body = _TRAILING_SPECIALS.sub("", text).strip()
+    body = _strip_end(text).strip()
     if not body.startswith("<think>"):
         return ParseFailure(FailureKind.NO_THINK, "the turn must open with <think>...</think>", text)
-    if _STRICT.match(body) is None:
+    if not _strict_layout(body):
         return ParseFailure(FailureKind.TEXT_OUTSIDE_TAGS,
                             "expected <think>...</think> then one tool call or answer, nothing else", text)
+    width, height = view_size if view_size is not None else (math.inf, math.inf)
     boxes = [parsed.bbox] if isinstance(parsed, ToolCall) else [d.bbox for d in parsed.defects]
     for x1, y1, x2, y2 in boxes:
-        if not (0 <= x1 < x2 and 0 <= y1 < y2):
-            return ParseFailure(FailureKind.BAD_BOX, "boxes need 0 <= x1 < x2 and 0 <= y1 < y2", text)
+        if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+            need = ("boxes need 0 <= x1 < x2 and 0 <= y1 < y2" if view_size is None else
+                    f"boxes need 0 <= x1 < x2 <= {width} and 0 <= y1 < y2 <= {height}, inside the global view")
+            return ParseFailure(FailureKind.BAD_BOX, need, text)
     if isinstance(parsed, Answer):
         payload = json.loads(body[body.index("<answer>") + len("<answer>"): body.index("</answer>")])
         if "defects" not in payload:
@@ -438,5 +516,5 @@ def format_failure(text: Any) -> ParseFailure | None:
     return None
 
 
-def format_ok(text: Any) -> bool:
-    return format_failure(text) is None
+def format_ok(text: Any, view_size: tuple[int, int] | None = None) -> bool:
+    return format_failure(text, view_size) is None

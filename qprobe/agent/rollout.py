@@ -32,7 +32,6 @@ from qprobe.agent.protocol import (
     ToolCall,
     assistant_turn,
     global_turn,
-    ordered_box,
     parse_assistant,
     tool_turn,
 )
@@ -97,12 +96,13 @@ class Trace:
         return self.answer.score if self.answer else None
 
     def defects_original(self) -> list[dict[str, Any]]:
-        """The answer's defects with boxes mapped to original pixels (corners sorted, rounded to whole pixels)."""
+        """The answer's defects with boxes mapped to original pixels (corners sorted, clamped to the
+        photo, rounded to whole pixels)."""
         if not self.answer or self.tool is None or self.tool.geometry is None:
             return []
         geometry = self.tool.geometry
         return [{"type": d.type, "bbox_view": _box_list(d.bbox),
-                 "bbox_original": [round(v) for v in geometry.to_original(ordered_box(d.bbox))]} for d in self.answer.defects]
+                 "bbox_original": [round(v) for v in geometry.to_original(geometry.clamp(d.bbox))]} for d in self.answer.defects]
 
     def crops_original(self) -> list[tuple[int, int, int, int]]:
         return [t.original_box for t in self.turns if t.original_box is not None]

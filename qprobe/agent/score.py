@@ -8,8 +8,10 @@ and defect boxes (red, with their type) on each photo.
 
 A folder is scored in full, recursively, with a progress bar, and its results are written to
 ``--out`` (default ``outputs/score``) as ``results.csv`` and ``results.jsonl``. In such a batch a bad
-file (missing, corrupt, over the pixel limit) is reported and the rest is scored, and the exit code is
-1; a single bad file, or a model that cannot be loaded or reached, is one line on stderr and exit 2.
+file (missing, corrupt, over the pixel limit), or a photo the endpoint fails on (no answer within
+``--read-timeout``, an answer of the wrong shape), is reported and recorded with its error, the rest is
+scored, and the exit code is 1; a single bad file or failed photo, or a model that cannot be loaded or
+reached, is one line on stderr and exit 2.
 A model that answers out of protocol (a random tiny model, typically) is not an error: the photo
 gets no score, and the parse failure's kind is reported.
 """
@@ -28,9 +30,10 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from qprobe.agent.backends import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES
 from qprobe.agent.crop import DEFAULT_CROP_MAX_PIXELS, DEFAULT_GLOBAL_MAX_PIXELS, budget_size
 from qprobe.config import build_parser, parse_config
-from qprobe.errors import QProbeError
+from qprobe.errors import QProbeError, describe
 from qprobe.io import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -66,9 +69,12 @@ class ScoreConfig:
     max_new_tokens: int = field(default=1024, metadata={"help": "tokens the model may generate per photo, all turns"})
     max_image_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
         "help": "refuse photos with more pixels than this (decompression bombs)"})
-    timeout: float = field(default=120.0, metadata={"help": "seconds to wait for an endpoint's answer"})
-    retries: int = field(default=4, metadata={
-        "help": "retries of a failed endpoint request, with exponential backoff from 1 s"})
+    connect_timeout: float = field(default=DEFAULT_CONNECT_TIMEOUT, metadata={
+        "help": "seconds to wait for a connection to the endpoint, per attempt"})
+    read_timeout: float = field(default=DEFAULT_READ_TIMEOUT, metadata={
+        "help": "seconds to wait for the endpoint's answer to one request; a timed-out request is not retried"})
+    retries: int = field(default=DEFAULT_RETRIES, metadata={
+        "help": "retries of a failed connection or a 429/5xx answer, with exponential backoff from 1 s"})
 
     def __post_init__(self) -> None:
         minimums = {"max_crops": 0, "retries": 0, "max_new_tokens": 1, "global_max_pixels": 1,
@@ -78,6 +84,8 @@ class ScoreConfig:
                 raise ValueError(f"{name} must be at least {minimum}, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.connect_timeout > 0 and self.read_timeout > 0):
+            raise ValueError(f"timeouts must be > 0, got connect {self.connect_timeout}, read {self.read_timeout}")
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[ScoreConfig, list[Path]]:
@@ -215,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not batch:
         _load(files[0], cfg)  # a bad single photo fails before the model loads
     hf_logging.disable_progress_bar()
-    backend = make_backend(cfg.model, served_model=cfg.served_model, timeout=cfg.timeout, max_retries=cfg.retries)
+    backend = make_backend(cfg.model, served_model=cfg.served_model, connect_timeout=cfg.connect_timeout,
+                           read_timeout=cfg.read_timeout, max_retries=cfg.retries)
     settings = RolloutConfig(global_max_pixels=cfg.global_max_pixels, crop_max_pixels=cfg.crop_max_pixels,
                              max_crops=cfg.max_crops, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, seed=cfg.seed)
@@ -227,14 +236,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in tqdm(files, desc="scoring", unit="photo", disable=not batch, file=sys.stderr):
             try:
                 image = _load(path, cfg)
-            except ImageError as exc:
+                trace = rollout(backend, image, settings, source=str(path))
+            except Exception as exc:  # one photo's failure, whatever it is, never ends a batch
                 if not batch:
                     raise
                 skipped += 1
-                print(f"qprobe score: skipped: {exc}", file=sys.stderr)
-                results.append({"image": str(path), "error": str(exc)})
+                error = str(exc) if isinstance(exc, ImageError) else f"{path}: {describe(exc)}"
+                if not isinstance(exc, QProbeError):
+                    log.error("%s: scoring failed", path, exc_info=exc)  # a bug: keep its traceback
+                print(f"qprobe score: skipped: {error}", file=sys.stderr)
+                results.append({"image": str(path), "error": error})
                 continue
-            trace = rollout(backend, image, settings, source=str(path))
             result = {**trace.to_dict(), "reasoning": trace.reasoning()}
             results.append(result)
             emit(json.dumps(result) if cfg.json else _summary_line(path, result))

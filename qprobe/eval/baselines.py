@@ -49,6 +49,7 @@ unpublished metric.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -60,6 +61,9 @@ from scipy.ndimage import gaussian_filter
 
 from qprobe.agent.backends import Backend
 from qprobe.agent.rollout import RolloutConfig, Trace, rollout
+from qprobe.errors import QProbeError, describe
+
+log = logging.getLogger(__name__)
 
 BLOCK = 16
 ACTIVITY_THRESHOLD = 0.1
@@ -79,7 +83,8 @@ class Prediction:
     box in original pixels; ``raw`` is the method's native score (PIQE's 0-100); ``outcome`` and
     ``failure`` say why an agent gave no score; ``crops`` are the regions it inspected (original
     pixels); ``cost`` holds turns, crops, token counts and seconds; ``trace`` is an agent's whole
-    rollout (:meth:`qprobe.agent.rollout.Trace.to_dict`).
+    rollout (:meth:`qprobe.agent.rollout.Trace.to_dict`); ``error`` is why a method failed on this
+    photo (``outcome`` ``error``: its endpoint timed out or answered out of shape, say).
     """
 
     score: float | None
@@ -90,6 +95,7 @@ class Prediction:
     crops: list[list[int]] = field(default_factory=list)
     cost: dict[str, float] = field(default_factory=dict)
     trace: dict[str, Any] | None = None
+    error: str | None = None
 
 
 class Scorer(Protocol):
@@ -134,7 +140,15 @@ class AgentScorer:
         self.name = name
 
     def __call__(self, image: Image.Image, seed: int = 0) -> Prediction:
-        trace = rollout(self.backend, image, replace(self.config, seed=seed))
+        """The rollout's prediction; a failure on this photo (the endpoint's, or a bug's) is a
+        prediction without a score and with its ``error``, so one photo never ends an evaluation."""
+        try:
+            trace = rollout(self.backend, image, replace(self.config, seed=seed))
+        except Exception as exc:
+            # A bug keeps its traceback in the log; the endpoint's failure is its one line.
+            log.warning("%s: no prediction: %s", self.name, describe(exc),
+                        exc_info=None if isinstance(exc, QProbeError) else exc)
+            return Prediction(score=None, outcome="error", error=describe(exc))
         defects = [{"type": d["type"], "bbox": d["bbox_original"]} for d in trace.defects_original()]
         return Prediction(
             score=trace.score, defects=defects, raw=trace.score, outcome=trace.outcome,

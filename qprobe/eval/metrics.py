@@ -47,7 +47,7 @@ import numpy as np
 from scipy import stats
 from scipy.optimize import OptimizeWarning, curve_fit, linear_sum_assignment
 
-from qprobe.reward_math import iou, matched_iou
+from qprobe.reward_math import iou_matrix, matched_iou
 
 Box = Sequence[float]
 NAN = float("nan")
@@ -247,7 +247,7 @@ def _matches(pred: Sequence[Box], true: Sequence[Box]) -> list[float]:
     """IoUs of the Hungarian one-to-one matching of ``pred`` to ``true`` (one value per matched pair)."""
     if not pred or not true:
         return []
-    matrix = np.array([[iou(p, t) for t in true] for p in pred])
+    matrix = iou_matrix(pred, true)
     rows, cols = linear_sum_assignment(matrix, maximize=True)
     return [float(v) for v in matrix[rows, cols]]
 
@@ -293,7 +293,7 @@ def recall_by_type(pred_boxes: Sequence[Sequence[Box]], true_boxes: Sequence[Seq
         pred, true = list(pred), list(true)
         matched = set()
         if pred and true:
-            matrix = np.array([[iou(p, t) for t in true] for p in pred])
+            matrix = iou_matrix(pred, true)
             rows, cols = linear_sum_assignment(matrix, maximize=True)
             matched = {int(c) for r, c in zip(rows, cols, strict=True) if matrix[r, c] >= threshold}
         for j, kind in enumerate(types):

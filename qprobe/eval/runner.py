@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from qprobe.agent.backends import Backend
+from qprobe.agent.backends import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, Backend
 from qprobe.agent.crop import DEFAULT_CROP_MAX_PIXELS, DEFAULT_GLOBAL_MAX_PIXELS
 from qprobe.agent.rollout import RolloutConfig
 from qprobe.config import parse_config, to_flat_dict
@@ -81,7 +81,10 @@ class EvaluateConfig:
         "help": "Qwen2.5-VL checkpoint folder, or the http(s):// base URL of an OpenAI-compatible server"})
     served_model: str | None = field(default=None, metadata={
         "help": "model name on the server (default: the first one it lists)"})
-    timeout: float = field(default=120.0, metadata={"help": "seconds to wait for an endpoint's answer"})
+    connect_timeout: float = field(default=DEFAULT_CONNECT_TIMEOUT, metadata={
+        "help": "seconds to wait for a connection to the endpoint, per attempt"})
+    read_timeout: float = field(default=DEFAULT_READ_TIMEOUT, metadata={
+        "help": "seconds to wait for the endpoint's answer to one request; a timed-out request is not retried"})
     data: list[str] = field(default_factory=lambda: ["data/bench"], metadata={
         "help": "manifests to evaluate on (files, or folders holding manifest.parquet), several after one --data; "
                 "any manifest with a mos column"})
@@ -151,6 +154,8 @@ class EvaluateConfig:
             raise ValueError(f"repeat_runs must be at least 2, got {self.repeat_runs}")
         if self.temperature < 0 or self.repeat_temperature < 0:
             raise ValueError("temperatures must be >= 0")
+        if not (self.connect_timeout > 0 and self.read_timeout > 0):
+            raise ValueError(f"timeouts must be > 0, got connect {self.connect_timeout}, read {self.read_timeout}")
 
     @property
     def methods(self) -> list[str]:
@@ -244,6 +249,7 @@ def _record(eval_set: EvalSet, row: pd.Series, path: Path, method: str, predicti
         "types": sorted({d["type"] for d in true}), "severity": max((d["severity"] for d in true), default=0),
         "true_defects": true, "score": prediction.score, "raw": prediction.raw, "outcome": prediction.outcome,
         "failure": prediction.failure, "defects": prediction.defects, "crops": prediction.crops,
+        "error": prediction.error,
     }
     record.update({f"cost_{k}": prediction.cost.get(k) for k in COST_KEYS})
     return record
@@ -477,7 +483,8 @@ def evaluate(cfg: EvaluateConfig, backend: Backend | None = None) -> Evaluation:
     start = time.perf_counter()
     sets = load_sets(cfg)  # bad manifests fail before the model loads
     if backend is None:
-        backend = make_backend(cfg.model, served_model=cfg.served_model, timeout=cfg.timeout)
+        backend = make_backend(cfg.model, served_model=cfg.served_model, connect_timeout=cfg.connect_timeout,
+                               read_timeout=cfg.read_timeout)
     out = Path(cfg.out)
     shutil.rmtree(out / "plots", ignore_errors=True)  # no figure of an earlier run survives into this one
     scorers = make_scorers(cfg, backend)
