@@ -94,7 +94,7 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
 
     ``target`` ``kubernetes`` or ``skypilot`` sends ``cluster_stages`` (default: the training stages)
     to that cluster through ``qprobe launch`` (``launch_options``: fields of
-    :class:`qprobe.launch.LaunchConfig`, e.g. image and gpus); every other stage runs here.
+    :class:`qprobe.ops.launch.LaunchConfig`, e.g. image and gpus); every other stage runs here.
     """
     logger = get_run_logger()
     root_path = Path(root) if root else repo_root()

@@ -39,9 +39,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train stage2": ("qprobe.train.stage2", "stage 2: SFT on hybrid-resolution tool-use trajectories"),
     "train stage3": ("qprobe.train.stage3", "stage 3: GRPO with multi-turn crop-tool rollouts, decoupled reward"),
     "evaluate": ("qprobe.eval.runner", "SRCC/PLCC, localisation, bias probes, cost and the HTML report"),
-    "launch": ("qprobe.launch", "run one DVC stage here or on a GPU cluster (kubernetes, skypilot)"),
+    "launch": ("qprobe.ops.launch", "run one DVC stage here or on a GPU cluster (kubernetes, skypilot)"),
     "profile": ("qprobe.profiles", "switch params.yaml to a profile in configs/ (e.g. paper)"),
-    "services": ("qprobe.services", "start, stop or check the local MLflow / S3 / Prefect services"),
+    "services": ("qprobe.ops.services", "start, stop or check the local MLflow / S3 / Prefect services"),
 }
 
 

@@ -122,14 +122,14 @@ def run_stage(stage: str, root: str, parent_run_id: str | None = None,
 @task(name="launch-stage", task_run_name="launch {stage} on {target}")
 def launch_stage(stage: str, target: str, root: str, parent_run_id: str | None = None,
                  options: dict[str, Any] | None = None) -> StageResult:
-    """Run one stage on a cluster target through :func:`qprobe.launch.launch`, then fetch its outputs.
+    """Run one stage on a cluster target through :func:`qprobe.ops.launch.launch`, then fetch its outputs.
 
     The remote run records its ``dvc.lock`` entry here (``write_lock``) and pushes its outputs; ``dvc
     pull`` brings them into this workspace so later local stages find them. ``QPROBE_PARENT_RUN_ID``
     travels with the job, so the stage's MLflow run nests under the pipeline's as a local one does.
     """
     from qprobe.config import from_dict
-    from qprobe.launch import LaunchConfig, launch
+    from qprobe.ops.launch import LaunchConfig, launch
 
     options = dict(options or {})
     env = {**options.pop("env", {}), **({PARENT_ENV: parent_run_id} if parent_run_id else {})}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fixtures_services import services_config, stop_and_check
 
-from qprobe import services as S
+from qprobe.ops import services as S
 
 for _key, _value in {
     "DO_NOT_TRACK": "true",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from qprobe import services as S
+from qprobe.ops import services as S
 
 
 def services_config(folder: Path, roles: str) -> S.ServicesConfig:

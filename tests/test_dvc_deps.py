@@ -100,3 +100,15 @@ def test_closure_follows_lazy_and_relative_imports(tmp_path: Path) -> None:
     assert "qprobe/validation/bench.py" in files  # imported lazily, inside a function
     assert "qprobe/bench/texture.py" in files
     assert "qprobe/train/common.py" not in files
+
+
+def test_the_library_never_imports_operations_code() -> None:
+    """qprobe/ops (services, launchers) is operations code: only the CLI's dispatch table names it."""
+    offenders = []
+    for path in sorted((REPO / "qprobe").rglob("*.py")):
+        rel = str(path.relative_to(REPO))
+        if rel.startswith("qprobe/ops/") or rel in DISPATCH_ONLY:
+            continue
+        if any(name == "qprobe.ops" or name.startswith("qprobe.ops.") for name in imported_modules(path)):
+            offenders.append(rel)
+    assert not offenders, f"these library modules import qprobe.ops: {offenders}"

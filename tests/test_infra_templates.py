@@ -19,8 +19,8 @@ import pytest
 import yaml
 from fixtures_dvc import STAGE, dvc, make_dvc_repo
 
-from qprobe import launch as L
 from qprobe.config import ConfigError
+from qprobe.ops import launch as L
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
 REPO = "https://git.example.com/team/qprobe.git"

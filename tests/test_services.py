@@ -22,8 +22,8 @@ import yaml
 from fixtures_dvc import STAGE, dvc, make_dvc_repo, run
 from fixtures_services import services_config, stop_and_check
 
-from qprobe import services as S
 from qprobe.config import ConfigError
+from qprobe.ops import services as S
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process bookkeeping reads /proc")
 
@@ -83,7 +83,7 @@ def test_dvc_push_pull_round_trip(s3: S.ServicesConfig, aws_env: dict[str, str],
 def test_the_cluster_script_runs_a_stage_like_a_pod(s3: S.ServicesConfig, aws_env: dict[str, str],
                                                     tmp_path: Path) -> None:
     """The container command of the rendered Job, run here: clone, pull, repro, push, print dvc.lock."""
-    from qprobe import launch as L
+    from qprobe.ops import launch as L
 
     remote = f"s3://{S.DVC_BUCKET}/tests/{uuid.uuid4().hex}"
     repo = make_dvc_repo(tmp_path / "repo", remote=remote)  # the endpoint comes from AWS_ENDPOINT_URL

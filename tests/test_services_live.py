@@ -14,7 +14,7 @@ import requests
 from fixtures_services import services_config, stop_and_check
 from repo_copy import copy_repo
 
-from qprobe import services as S
+from qprobe.ops import services as S
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.slow

@@ -47,7 +47,7 @@ from qprobe.io import write_text_atomic
 log = logging.getLogger(__name__)
 
 TARGETS = ("local", "kubernetes", "skypilot")
-INFRA = Path(__file__).resolve().parent.parent / "infra"
+INFRA = Path(__file__).resolve().parents[2] / "infra"
 LOCK_BEGIN = "----- BEGIN dvc.lock -----"
 LOCK_END = "----- END dvc.lock -----"
 # What a remote stage may need from the launching shell, passed to SkyPilot as secrets (by name).
