@@ -6,14 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-# Telemetry off (these machines have no internet and some calls hang); a slow first Prefect start.
-export DO_NOT_TRACK := true
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export MLFLOW_DISABLE_TELEMETRY := true
-export DVC_NO_ANALYTICS := 1
-export HF_HUB_OFFLINE := 1
-export TOKENIZERS_PARALLELISM := false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+# The offline environment (no telemetry, no hub) is set by the code itself: qprobe/offline.py.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: run test lint venv

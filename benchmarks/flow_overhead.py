@@ -23,11 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from qprobe import offline
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DO_NOT_TRACK": "true",
-       "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
-       "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+ENV = {**offline.environ(), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def timed(cmd: list[str], cwd: Path) -> float:

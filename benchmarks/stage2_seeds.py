@@ -25,6 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from qprobe import offline
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 KEYS = ("format_adherence", "tool_call_rate", "rollout_adherence", "answer_first_rate",
@@ -33,7 +35,7 @@ KEYS = ("format_adherence", "tool_call_rate", "rollout_adherence", "answer_first
 
 def run_seed(seed: int, extra: list[str], scratch: Path) -> tuple[dict[str, float], float]:
     folder = scratch / f"seed-{seed}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+    env = {**offline.environ(), "OMP_NUM_THREADS": "1",
            # Each run its own store: parallel runs logging the same dataset to one sqlite store collide.
            "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     folder.mkdir(parents=True)

@@ -1,0 +1,5 @@
+"""Prefect flows: the pipeline (every stage) and scheduled retraining."""
+
+from qprobe import offline
+
+offline.apply()  # before Prefect, MLflow or DVC is imported

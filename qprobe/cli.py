@@ -14,19 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from qprobe import offline
 from qprobe.errors import QProbeError
-
-# Telemetry off before any library that phones home is imported: these machines have no internet
-# and some of those calls hang.
-_OFFLINE_ENV = {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 # command -> (module, help). A command with sub-commands maps "command sub".
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -67,8 +56,7 @@ def _usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    for key, value in _OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    offline.apply()  # before any library that phones home is imported
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from qprobe import offline
 from qprobe.config import repo_root
 from qprobe.io import content_hash
 
@@ -41,7 +42,7 @@ def tracking_uri(root: str | Path | None = None) -> str:
 
 
 def _configure(root: str | Path | None = None) -> Any:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    offline.apply()
     import mlflow
 
     uri = tracking_uri(root)

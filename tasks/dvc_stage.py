@@ -19,18 +19,8 @@ from typing import Any
 import yaml
 from prefect import get_run_logger, task
 
+from qprobe import offline
 from qprobe.tracking import PARENT_ENV
-
-# Environment every stage runs with: no telemetry (these machines have no internet and some of
-# those calls hang), and the virtual environment's bin first so `qprobe` resolves without activation.
-OFFLINE_ENV = {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 class StageError(RuntimeError):
@@ -73,7 +63,9 @@ def lock_entry(root: str | Path, stage: str) -> dict[str, Any]:
 
 
 def stage_env(parent_run_id: str | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, **OFFLINE_ENV, **(extra or {})}
+    """This process's environment for a stage: offline defaults, the venv's bin first (so `qprobe`
+    resolves without activation), the pipeline's MLflow run as the stage's parent."""
+    env = {**offline.environ(), **(extra or {})}
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     if parent_run_id:

@@ -11,18 +11,10 @@ from pathlib import Path
 import pytest
 from fixtures_services import services_config, stop_and_check
 
+from qprobe import offline
 from qprobe.ops import services as S
 
-for _key, _value in {
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-}.items():
-    os.environ.setdefault(_key, _value)
+offline.apply()
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from qprobe import offline
+
 STAGE = "make"
 MAKE_PY = """\
 import pathlib
@@ -17,9 +19,9 @@ pathlib.Path("out.txt").write_text(pathlib.Path("input.txt").read_text().upper()
 
 def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment with this interpreter's bin folder first on PATH (``dvc``, ``python``)."""
-    env = dict(os.environ)
+    env = offline.environ()
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update({"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "true", "GIT_TERMINAL_PROMPT": "0"})
+    env["GIT_TERMINAL_PROMPT"] = "0"
     env.update(extra or {})
     return env
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from qprobe import storage
+from qprobe import offline, storage
 from qprobe.errors import QProbeError
 from qprobe.io import ImageError, load_image_bytes
 
@@ -135,7 +134,7 @@ def _read_skimage(name: str) -> tuple[bytes, str]:
 def _hf_dataset(name: str, split: str, column: str) -> tuple[Any, str]:
     # Offline before the hub client is first imported: a cache miss must fail at once, not retry a
     # network these machines do not have.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline.apply()
     import datasets
 
     try:

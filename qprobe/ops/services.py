@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qprobe import offline
 from qprobe.config import ConfigError, build_parser, parse_config
 from qprobe.errors import QProbeError
 from qprobe.io import write_json_atomic, write_text_atomic
@@ -65,12 +66,6 @@ ENV_FILE = "env"
 GRPC_OFFSET = 10000
 # A role another role needs: MLflow stores its artifacts in S3.
 _NEEDS = {"mlflow": ("s3",)}
-_TELEMETRY_OFF = {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-}
 _STOP_GRACE_S = 15.0
 _PROBE_TIMEOUT_S = 3.0
 
@@ -308,10 +303,9 @@ def weed_binary() -> str:
 
 
 def _clean_env(extra: Mapping[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
+    env = {k: v for k, v in offline.environ().items()
            # The dev server knows only its own credentials: a session token or profile would break signing.
            if k not in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_SECURITY_TOKEN")}
-    env.update(_TELEMETRY_OFF)
     env.update(extra)
     return env
 
