@@ -40,6 +40,35 @@ class ImageError(QProbeError, ValueError):
     """An image file that cannot be used; the message names the file and the reason."""
 
 
+class OutputOverlapError(QProbeError, ValueError):
+    """An output folder that is, holds or lies inside one of the command's inputs."""
+
+
+def check_out_vs_in(out: str | Path, *inputs: str | Path | None, what: str) -> None:
+    """Refuse ``out`` when it equals, lies inside or contains any of ``inputs`` (``None`` entries are skipped).
+
+    Call it before anything is written: a command whose output folder overlaps its input would
+    overwrite or prune the very files it reads. Paths are compared after resolving symlinks and
+    ``..``, by whole components, so ``/a/photos2`` is not inside ``/a/photos``. ``what`` names the
+    flag of the output in the message (``--out``).
+    """
+    target = Path(out).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if target == source:
+            relation = "is"
+        elif target.is_relative_to(source):
+            relation = "is inside"
+        elif source.is_relative_to(target):
+            relation = "contains"
+        else:
+            continue
+        raise OutputOverlapError(f"{what} {out}: {relation} the input folder {given}; choose an output folder "
+                                 "apart from the inputs (nothing was written)")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # Pillow's convert("RGB") clips 16-bit values at 255 (a white image); scale instead.

@@ -54,8 +54,16 @@ from qprobe.bench.regions import place_regions
 from qprobe.bench.texture import TextureMap, texture_map
 from qprobe.config import parse_config, to_flat_dict
 from qprobe.data.manifest import MANIFEST_NAME, SPLITS, Defect, read_manifest, write_manifest
-from qprobe.data.sources import SKIP_REASONS, SkipPhoto, Source, SourceError, SourceItem, open_source
-from qprobe.io import DEFAULT_MAX_PIXELS, save_image_atomic, write_json_atomic
+from qprobe.data.sources import (
+    SKIP_REASONS,
+    SkipPhoto,
+    Source,
+    SourceError,
+    SourceItem,
+    local_folder,
+    open_source,
+)
+from qprobe.io import DEFAULT_MAX_PIXELS, check_out_vs_in, save_image_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -510,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     from qprobe.tracking import log_artifact, log_dataset, log_metrics, stage_run
 
     cfg = parse_config(BenchConfig, "bench", argv, prog="qprobe bench", description=inspect.cleandoc(main.__doc__ or ""))
+    check_out_vs_in(cfg.out, local_folder(cfg.source), what="--out")
     # List the source before the MLflow run starts: a missing or empty source writes nothing at all.
     source = open_source(cfg.source, cfg.image_column)
     with stage_run("bench", to_flat_dict(cfg)):

@@ -166,8 +166,7 @@ def _read_hf(name: str, split: str, column: str, index: int) -> tuple[bytes, str
     return Path(cell["path"]).read_bytes(), label
 
 
-def _folder(spec: str) -> Source:
-    root = Path(spec)
+def _folder(root: Path, spec: str) -> Source:
     if not root.exists():
         raise SourceError(f"{spec}: source folder not found")
     if not root.is_dir():
@@ -218,16 +217,23 @@ def _hf(spec: str, column: str) -> Source:
     return Source(spec=spec, items=items, lineage_uri=str(Path(cache).parent))
 
 
+def local_folder(spec: str) -> Path | None:
+    """The local folder a source string names, or None for ``skimage``, ``hf:`` and ``s3://`` sources."""
+    if spec == "skimage" or spec.startswith("hf:") or storage.is_s3_uri(spec):
+        return None
+    return Path(spec)
+
+
 def open_source(spec: str, image_column: str = "") -> Source:
     """List the photos of ``spec`` (see the module docstring); raise :class:`SourceError` if there are none."""
     if spec == "skimage":
         source = _skimage(spec)
     elif spec.startswith("hf:"):
         source = _hf(spec, image_column)
-    elif storage.is_s3_uri(spec):
+    elif (folder := local_folder(spec)) is None:
         source = _s3(spec)
     else:
-        source = _folder(spec)
+        source = _folder(folder, spec)
     if not source.items:
         raise SourceError(f"{spec}: no images found (looked for {', '.join(sorted(SOURCE_EXTENSIONS))})")
     return source
