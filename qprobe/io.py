@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,11 +143,16 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
+# The name atomic_path gives its temporary file: ".<name>.<mkstemp's 8 characters>.tmp<suffix>".
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>.*)")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
 
-    On an exception the temporary file is removed and ``path`` is untouched.
+    On an exception the temporary file is removed and ``path`` is untouched; a killed process
+    leaves it behind, and :func:`atomic_temp_target` tells which file it was for.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +166,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def atomic_temp_target(path: str | Path) -> Path | None:
+    """The file a temporary of :func:`atomic_path` was to replace (a killed write's leftover), or None."""
+    path = Path(path)
+    match = _TEMP_NAME.fullmatch(path.name)
+    if match is None or Path(match["name"]).suffix != match["suffix"]:
+        return None
+    return path.with_name(match["name"])
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
