@@ -2,15 +2,16 @@
 
 Two frames are validated. The manifest itself (one row per image): unique ids and image paths,
 no nulls in required columns, splits from ``train``/``val``/``test``, MOS in ``[1, 5]``,
-``mos_std >= 0``, ``has_defect`` true exactly when ``defects`` is non-empty, every image file
-present with the recorded width and height, and no source photo in two splits. The defects
+``mos_std >= 0``, ``has_defect`` true exactly when ``defects`` is non-empty, every image path
+relative and inside the bench folder, every image file present with the recorded width and height, and no source photo in two splits. The defects
 exploded to one row each: severity in ``1..5``, a known type, and a non-empty box inside its image.
 """
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Collection, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import great_expectations.expectations as gxe
 import pandas as pd
@@ -47,12 +48,29 @@ def splits_disjoint_by_source(manifest: pd.DataFrame) -> Iterator[str]:
     yield from _listed(leaks)
 
 
+def outside_folder(relpath: str) -> str | None:
+    """Why an ``image`` path does not name a file inside the bench folder, or None when it does.
+
+    Judged on the text alone (nothing outside the folder is looked at): absolute paths, drive or
+    UNC paths, and paths whose ``..`` climb above the folder are refused.
+    """
+    if PurePosixPath(relpath).is_absolute() or PureWindowsPath(relpath).anchor:
+        return "is absolute"
+    normal = posixpath.normpath(relpath.replace("\\", "/"))
+    if normal == ".." or normal.startswith("../"):
+        return "leaves the bench folder"
+    return None
+
+
 def image_files_check(root: Path) -> Check:
-    """A check that every ``image`` exists under ``root`` with the row's width and height."""
+    """A check that every ``image`` lies inside ``root`` and exists there with the row's width and height."""
 
     def check(manifest: pd.DataFrame) -> Iterator[str]:
         problems = []
         for row in manifest.itertuples(index=False):
+            if reason := outside_folder(row.image):
+                problems.append(f"{row.id}: image path {row.image!r} {reason}")
+                continue
             path = image_path(root, row.image)
             if not path.is_file():
                 problems.append(f"{row.id}: image file {path} is missing")
