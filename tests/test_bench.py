@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from qprobe import cli
 from qprobe.bench import synthesize as bench
@@ -203,7 +205,8 @@ def test_bad_inputs_are_skipped_counted_and_logged(tmp_path, tiny_photos, awkwar
     cfg = _config(tmp_path, tiny_photos, num_images=None, min_size=256, max_pixels=400_000)
     with caplog.at_level("WARNING", logger="qprobe.bench.synthesize"):
         result = synthesize(cfg, progress=False)
-    assert result.metrics["skipped"] == {"total": 5, "too_small": 1, "too_large": 1, "unreadable": 3}
+    assert result.metrics["skipped"] == {"total": 5, "too_small": 1, "too_large": 1, "extreme_aspect": 0,
+                                         "unsupported": 0, "unreadable": 3}
     assert result.metrics["sources_listed"] == 14 and result.metrics["sources_used"] == 9
     skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
     assert len(skips) == 5 and all("\n" not in s for s in skips)
@@ -214,6 +217,23 @@ def test_bad_inputs_are_skipped_counted_and_logged(tmp_path, tiny_photos, awkwar
     assert (rotated.width, rotated.height) == (240, 320)  # EXIF orientation applied
     alpha = manifest[manifest["source"].str.endswith("awkward/alpha.png")].iloc[0]
     assert np.asarray(load_image(Path(cfg.out) / alpha.image))[:, :100].min() >= 200  # transparent -> white
+
+
+def test_listing_skips_are_counted_and_every_skip_is_written_above_the_progress_bar(tmp_path, tiny_photos, capsys):
+    Image.open(tiny_photos / "coffee.png").save(tiny_photos / "clip.gif")
+    (tiny_photos / "loop.jpg").symlink_to("loop.jpg")
+    Image.new("RGB", (2010, 10)).save(tiny_photos / "strip.png")
+    result = synthesize(_config(tmp_path, tiny_photos, num_images=None, contact_sheet_size=0), progress=True)
+    assert result.metrics["skipped"] == {"total": 3, "too_small": 0, "too_large": 0, "extreme_aspect": 1,
+                                         "unsupported": 1, "unreadable": 1}
+    assert result.metrics["images"] == 5
+    err = capsys.readouterr().err
+    assert "bench:" in err and "img/s" in err  # the bar was drawn
+    # tqdm.write clears the bar's line ("\r", blanks, "\r") before each line it prints; a line
+    # printed past tqdm would follow the bar's text instead.
+    starts = [m.start() for m in re.finditer(r"skipped \(", err)]
+    assert len(starts) == 3
+    assert all(re.search(r"\r *\r$", err[:start]) for start in starts), err
 
 
 def test_missing_or_empty_source_fails_cleanly_through_the_cli(tmp_path, capsys):

@@ -537,8 +537,13 @@ def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = 
 
     skipped: Counter = Counter()
     new = 0
+    # Console logging goes through tqdm.write inside this block: a skip line is printed above the
+    # bar instead of over it.
     with logging_redirect_tqdm(), tqdm(total=total, initial=len(finished), unit="img", desc="bench",
                                        disable=not progress, dynamic_ncols=True) as bar:
+        for skip in source.skipped:
+            skipped[skip.reason] += 1
+            log.warning("skipped (%s): %s", skip.reason, skip)
         for result in _run_tasks(tasks, cfg, bar):
             if result.skip_reason:
                 skipped[result.skip_reason] += 1
