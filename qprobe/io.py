@@ -16,10 +16,11 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import re
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,21 @@ class ImageError(QProbeError, ValueError):
 
 class OutputOverlapError(QProbeError, ValueError):
     """An output folder that is, holds or lies inside one of the command's inputs."""
+
+
+def outside_folder(relpath: str) -> str | None:
+    """Why the relative path ``relpath`` does not name a file inside its folder, or None when it does.
+
+    Judged on the text alone (nothing outside the folder is looked at): absolute paths, drive or
+    UNC paths, and paths whose ``..`` climb above the folder are refused. For paths read from files
+    (manifest rows, bench's list of its own files) before they are opened or deleted.
+    """
+    if PurePosixPath(relpath).is_absolute() or PureWindowsPath(relpath).anchor:
+        return "is absolute"
+    normal = posixpath.normpath(relpath.replace("\\", "/"))
+    if normal == ".." or normal.startswith("../"):
+        return "leaves the folder"
+    return None
 
 
 def check_out_vs_in(out: str | Path, *inputs: str | Path | None, what: str) -> None:

@@ -197,6 +197,15 @@ def test_only_files_bench_wrote_are_ever_deleted_or_overwritten(tmp_path, tiny_p
         synthesize(other, progress=False)
     assert _files(Path(other.out)) == {planned: b"someone else's picture"}
 
+    # A list naming a file outside the folder is not trusted with anything.
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (out / bench.LEDGER).write_text(json.dumps({"files": ["records/2024.json", "../victim.txt"]}))
+    with pytest.raises(ForeignFileError, match=r"unreadable list of the files bench wrote \('\.\./victim\.txt' "
+                                               r"leaves the folder\); bench cannot tell"):
+        synthesize(cfg, progress=False)
+    assert victim.read_text() == "keep me" and {rel: (out / rel).read_bytes() for rel in mine} == mine
+
 
 def test_bad_inputs_are_skipped_counted_and_logged(tmp_path, tiny_photos, awkward_images, caplog):
     (tiny_photos / "awkward").mkdir()

@@ -78,6 +78,7 @@ from qprobe.io import (
     DEFAULT_MAX_PIXELS,
     atomic_temp_target,
     check_out_vs_in,
+    outside_folder,
     save_image_atomic,
     write_json_atomic,
 )
@@ -320,6 +321,9 @@ def read_ledger(out: Path) -> set[str]:
         files = json.loads(path.read_text())["files"]
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise ValueError("'files' is not a list of paths")
+        escaping = next((f for f in files if outside_folder(f)), None)
+        if escaping is not None:
+            raise ValueError(f"{escaping!r} {outside_folder(escaping)}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ForeignFileError(f"{path}: unreadable list of the files bench wrote ({exc}); "
                                "bench cannot tell its files from others: choose another --out") from exc

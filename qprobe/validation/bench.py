@@ -9,15 +9,14 @@ exploded to one row each: severity in ``1..5``, a known type, and a non-empty bo
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Collection, Iterator
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import great_expectations.expectations as gxe
 import pandas as pd
 
 from qprobe.data.manifest import SPLITS, image_path
-from qprobe.io import image_size
+from qprobe.io import image_size, outside_folder
 from qprobe.validation.core import Check, Suite, require
 
 MAX_LISTED = 5  # offending rows named per Python check
@@ -46,20 +45,6 @@ def splits_disjoint_by_source(manifest: pd.DataFrame) -> Iterator[str]:
     splits = manifest.groupby("source")["split"].unique()
     leaks = [f"source {src} is in several splits ({', '.join(sorted(s))})" for src, s in splits.items() if len(s) > 1]
     yield from _listed(leaks)
-
-
-def outside_folder(relpath: str) -> str | None:
-    """Why an ``image`` path does not name a file inside the bench folder, or None when it does.
-
-    Judged on the text alone (nothing outside the folder is looked at): absolute paths, drive or
-    UNC paths, and paths whose ``..`` climb above the folder are refused.
-    """
-    if PurePosixPath(relpath).is_absolute() or PureWindowsPath(relpath).anchor:
-        return "is absolute"
-    normal = posixpath.normpath(relpath.replace("\\", "/"))
-    if normal == ".." or normal.startswith("../"):
-        return "leaves the bench folder"
-    return None
 
 
 def image_files_check(root: Path) -> Check:
