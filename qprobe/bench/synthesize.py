@@ -312,7 +312,7 @@ def _job_files(job_id: str, fmt: str) -> set[str]:
     return {f"{IMAGES_DIR}/{job_id}.{fmt}", f"{RECORDS_DIR}/{job_id}.json"}
 
 
-def read_ledger(out: Path) -> set[str]:
+def _read_ledger(out: Path) -> set[str]:
     """The files (relative paths) bench recorded as its own in ``out``; empty for a folder it never wrote."""
     path = out / LEDGER
     if not path.exists():
@@ -512,7 +512,7 @@ def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = 
     source = source or open_source(cfg.source, cfg.image_column)
     out = Path(cfg.out)
     new_folder = not out.exists()
-    owned = read_ledger(out)
+    owned = _read_ledger(out)
     plan = plan_jobs(source.items, cfg.num_images, cfg.pristine_fraction, cfg.seed)
     finished: dict[str, dict[str, Any]] = {}
     tasks: list[Task] = []
