@@ -16,9 +16,11 @@ import hashlib
 import io
 import json
 import os
+import posixpath
+import re
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,50 @@ Image.MAX_IMAGE_PIXELS = None
 
 class ImageError(QProbeError, ValueError):
     """An image file that cannot be used; the message names the file and the reason."""
+
+
+class OutputOverlapError(QProbeError, ValueError):
+    """An output folder that is, holds or lies inside one of the command's inputs."""
+
+
+def outside_folder(relpath: str) -> str | None:
+    """Why the relative path ``relpath`` does not name a file inside its folder, or None when it does.
+
+    Judged on the text alone (nothing outside the folder is looked at): absolute paths, drive or
+    UNC paths, and paths whose ``..`` climb above the folder are refused. For paths read from files
+    (manifest rows, bench's list of its own files) before they are opened or deleted.
+    """
+    if PurePosixPath(relpath).is_absolute() or PureWindowsPath(relpath).anchor:
+        return "is absolute"
+    normal = posixpath.normpath(relpath.replace("\\", "/"))
+    if normal == ".." or normal.startswith("../"):
+        return "leaves the folder"
+    return None
+
+
+def check_out_vs_in(out: str | Path, *inputs: str | Path | None, what: str) -> None:
+    """Refuse ``out`` when it equals, lies inside or contains any of ``inputs`` (``None`` entries are skipped).
+
+    Call it before anything is written: a command whose output folder overlaps its input would
+    overwrite or prune the very files it reads. Paths are compared after resolving symlinks and
+    ``..``, by whole components, so ``/a/photos2`` is not inside ``/a/photos``. ``what`` names the
+    flag of the output in the message (``--out``).
+    """
+    target = Path(out).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if target == source:
+            relation = "is"
+        elif target.is_relative_to(source):
+            relation = "is inside"
+        elif source.is_relative_to(target):
+            relation = "contains"
+        else:
+            continue
+        raise OutputOverlapError(f"{what} {out}: {relation} the input folder {given}; choose an output folder "
+                                 "apart from the inputs (nothing was written)")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -113,11 +159,16 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
+# The name atomic_path gives its temporary file: ".<name>.<mkstemp's 8 characters>.tmp<suffix>".
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>.*)")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
 
-    On an exception the temporary file is removed and ``path`` is untouched.
+    On an exception the temporary file is removed and ``path`` is untouched; a killed process
+    leaves it behind, and :func:`atomic_temp_target` tells which file it was for.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +182,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def atomic_temp_target(path: str | Path) -> Path | None:
+    """The file a temporary of :func:`atomic_path` was to replace (a killed write's leftover), or None."""
+    path = Path(path)
+    match = _TEMP_NAME.fullmatch(path.name)
+    if match is None or Path(match["name"]).suffix != match["suffix"]:
+        return None
+    return path.with_name(match["name"])
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

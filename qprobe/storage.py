@@ -6,6 +6,10 @@ The client is configured from the standard AWS environment (``AWS_ACCESS_KEY_ID`
 endpoint it uses path-style addressing, which those servers expect. Credentials are never logged
 or put in an error message: failures become a one-line :class:`StorageError` naming the URI and
 the S3 error code.
+
+Every call is bounded (:class:`Limits`): ``QPROBE_S3_CONNECT_TIMEOUT`` and ``QPROBE_S3_READ_TIMEOUT``
+(seconds) and ``QPROBE_S3_MAX_ATTEMPTS`` (tries, the first included). With the defaults an endpoint
+that accepts connections and never answers fails in under a minute, naming the endpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any
 from qprobe.errors import QProbeError
 
 SCHEME = "s3://"
+# botocore's standard retry mode sleeps rand(0, 1) * 2**i s after try i (0-based) before the next.
+_MAX_BACKOFF_S = 20.0
 
 
 class StorageError(QProbeError, OSError):
@@ -34,6 +40,42 @@ class S3Object:
 
     def uri(self, bucket: str) -> str:
         return f"{SCHEME}{bucket}/{self.key}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long one S3 call may wait: seconds to connect, seconds per read, tries (the first included)."""
+
+    connect_timeout: float = 5.0
+    read_timeout: float = 12.0
+    max_attempts: int = 3
+
+    def worst_case_s(self) -> float:
+        """The longest a call against a silent endpoint can take: every try timed out, every backoff at its maximum."""
+        backoff = sum(min(2.0**i, _MAX_BACKOFF_S) for i in range(self.max_attempts - 1))
+        return self.max_attempts * (self.connect_timeout + self.read_timeout) + backoff
+
+
+_LIMIT_ENV = {"connect_timeout": "QPROBE_S3_CONNECT_TIMEOUT", "read_timeout": "QPROBE_S3_READ_TIMEOUT",
+              "max_attempts": "QPROBE_S3_MAX_ATTEMPTS"}
+
+
+def limits() -> Limits:
+    """The :class:`Limits` the environment sets (see the module docstring); defaults where unset."""
+    values: dict[str, float | int] = {}
+    for name, var in _LIMIT_ENV.items():
+        text = os.environ.get(var, "").strip()
+        if not text:
+            continue
+        kind = int if name == "max_attempts" else float
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise StorageError(f"{var}={text!r}: expected a positive {'integer' if kind is int else 'number'}")
+        values[name] = value
+    return Limits(**values)
 
 
 def is_s3_uri(text: str) -> bool:
@@ -57,18 +99,25 @@ def client() -> Any:
     from botocore.config import Config
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    bounds = limits()
     config = Config(
-        retries={"max_attempts": 5, "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=60,
+        retries={"total_max_attempts": bounds.max_attempts, "mode": "standard"},  # tries, the first included
+        connect_timeout=bounds.connect_timeout,
+        read_timeout=bounds.read_timeout,
         s3={"addressing_style": "path"} if endpoint else None,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
 
 
 def _error(uri: str, exc: Exception) -> StorageError:
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
+    if isinstance(exc, ConnectTimeoutError | ReadTimeoutError):
+        bounds = limits()
+        return StorageError(
+            f"{uri}: no answer from the S3 endpoint {client().meta.endpoint_url} ({type(exc).__name__} after "
+            f"{bounds.max_attempts} tries of {bounds.connect_timeout:g} s to connect, {bounds.read_timeout:g} s to "
+            f"read; QPROBE_S3_CONNECT_TIMEOUT, QPROBE_S3_READ_TIMEOUT and QPROBE_S3_MAX_ATTEMPTS set them)")
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         code = err.get("Code", "error")

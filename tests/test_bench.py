@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from qprobe import cli
 from qprobe.bench import synthesize as bench
-from qprobe.bench.synthesize import BenchConfig, assign_splits, plan_jobs, synthesize
-from qprobe.data.manifest import SCHEMA, read_manifest
+from qprobe.bench.synthesize import BenchConfig, ForeignFileError, assign_splits, plan_jobs, synthesize
+from qprobe.data.manifest import SCHEMA, manifest_metadata, read_manifest
 from qprobe.data.sources import SKIMAGE_PHOTOS, SourceError, SourceItem
 from qprobe.io import load_image, save_image_atomic
 from qprobe.validation import ValidationError
@@ -76,7 +80,7 @@ def test_same_seed_gives_byte_identical_output_with_any_worker_count(tmp_path, t
     first = synthesize(a, progress=False)
     synthesize(b, progress=False)
     files_a, files_b = _files(Path(a.out)), _files(Path(b.out))
-    assert files_a.keys() == files_b.keys() and len(files_a) == 22  # 10 images, 10 records, manifest, sheet
+    assert files_a.keys() == files_b.keys() and len(files_a) == 23  # 10 images, 10 records, manifest, sheet, ledger
     assert [k for k in files_a if files_a[k] != files_b[k]] == []
     other = synthesize(_config(tmp_path, tiny_photos, out="c", seed=1), progress=False)
     assert [r["defects"] for r in other.records] != [r["defects"] for r in first.records]
@@ -103,7 +107,10 @@ def test_killed_run_resumes_without_redoing_finished_images(tmp_path, tiny_photo
     assert not (out / "manifest.parquet").exists()
     assert len(list((out / "records").glob("*.json"))) == 4
     finished = {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
-    (out / "images" / ".left-over.png.tmp.png").write_bytes(b"half a file")  # a killed atomic write
+    unfinished = next(r["image"] for r in synthesize(reference, progress=False).records
+                      if not (out / r["image"]).exists())
+    # The leftover of the killed atomic write of the fifth image, named as qprobe.io.atomic_path names it.
+    (out / f"images/.{Path(unfinished).name}.k1ll3d_x.tmp.png").write_bytes(b"half a file")
 
     result = synthesize(cfg, progress=False)
     assert result.metrics["images_new"] == 6 and result.metrics["images_resumed"] == 4
@@ -122,6 +129,84 @@ def test_killed_run_resumes_without_redoing_finished_images(tmp_path, tiny_photo
     assert len(list((out / "images").iterdir())) == len(list((out / "records").iterdir())) == 5
 
 
+def _kill_after(monkeypatch, images: int) -> None:
+    """Make the next synthesis die (KeyboardInterrupt) while writing image ``images + 1``."""
+    real_save, saved = bench._save, []
+
+    def save_then_die(pixels, path, fmt):
+        if len(saved) == images:
+            raise KeyboardInterrupt
+        real_save(pixels, path, fmt)
+        saved.append(path)
+
+    monkeypatch.setattr(bench, "_save", save_then_die)
+
+
+@pytest.mark.parametrize("first", ["finished", "killed"])
+def test_a_rerun_with_another_seed_after_a_kill_equals_a_fresh_run(tmp_path, tiny_photos, monkeypatch, first):
+    fresh = _config(tmp_path, tiny_photos, out="fresh", seed=1)
+    synthesize(fresh, progress=False)
+    cfg = _config(tmp_path, tiny_photos, out="run", seed=0)
+    out = Path(cfg.out)
+    if first == "killed":
+        _kill_after(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt) if first == "killed" else nullcontext():
+        synthesize(cfg, progress=False)
+    monkeypatch.undo()
+
+    reseeded = _config(tmp_path, tiny_photos, out="run", seed=1)
+    _kill_after(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(reseeded, progress=False)
+    monkeypatch.undo()
+    # No manifest describes a folder whose images are half seed 0, half seed 1.
+    assert not (out / "manifest.parquet").exists()
+    records = [json.loads(p.read_text()) for p in (out / "records").glob("*.json")]
+    assert {r["fingerprint"] for r in records} == {cfg.fingerprint(), reseeded.fingerprint()}
+
+    result = synthesize(reseeded, progress=False)
+    assert result.metrics["images_resumed"] == 3
+    assert _files(out) == _files(Path(fresh.out))
+    assert manifest_metadata(out)[bench.FINGERPRINT_KEY] == reseeded.fingerprint() != cfg.fingerprint()
+
+
+def test_only_files_bench_wrote_are_ever_deleted_or_overwritten(tmp_path, tiny_photos):
+    out = tmp_path / "mixed"
+    mine = {"notes.txt": b"my notes", "images/holiday.png": (tiny_photos / "coffee.png").read_bytes(),
+            "records/2024.json": b'{"mine": true}', "images/.x.png.abcdefgh.tmp.png": b"not a bench leftover"}
+    for rel, data in mine.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    cfg = _config(tmp_path, tiny_photos, out="mixed")
+    first = synthesize(cfg, progress=False)
+    assert first.metrics["images"] == 10
+    fewer = synthesize(_config(tmp_path, tiny_photos, out="mixed", num_images=4, seed=3), progress=False)
+    assert len(list((out / "records").glob("*-*.json"))) == 4
+    assert {rel: (out / rel).read_bytes() for rel in mine} == mine
+    assert set(json.loads((out / bench.LEDGER).read_text())["files"]) == (
+        {r["image"] for r in fewer.records} | {f"records/{r['id']}.json" for r in fewer.records}
+        | set(bench.FIXED_OUTPUTS))
+
+    # A file in the way of a planned image that bench cannot prove it wrote: refused, nothing changes.
+    other = _config(tmp_path, tiny_photos, out="other")
+    planned = synthesize(other, progress=False).records[0]["image"]
+    shutil.rmtree(other.out)
+    (Path(other.out) / "images").mkdir(parents=True)
+    (Path(other.out) / planned).write_bytes(b"someone else's picture")
+    with pytest.raises(ForeignFileError, match=rf"{planned}: exists but bench did not write it"):
+        synthesize(other, progress=False)
+    assert _files(Path(other.out)) == {planned: b"someone else's picture"}
+
+    # A list naming a file outside the folder is not trusted with anything.
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (out / bench.LEDGER).write_text(json.dumps({"files": ["records/2024.json", "../victim.txt"]}))
+    with pytest.raises(ForeignFileError, match=r"unreadable list of the files bench wrote \('\.\./victim\.txt' "
+                                               r"leaves the folder\); bench cannot tell"):
+        synthesize(cfg, progress=False)
+    assert victim.read_text() == "keep me" and {rel: (out / rel).read_bytes() for rel in mine} == mine
+
+
 def test_bad_inputs_are_skipped_counted_and_logged(tmp_path, tiny_photos, awkward_images, caplog):
     (tiny_photos / "awkward").mkdir()
     for path in awkward_images.values():
@@ -129,7 +214,8 @@ def test_bad_inputs_are_skipped_counted_and_logged(tmp_path, tiny_photos, awkwar
     cfg = _config(tmp_path, tiny_photos, num_images=None, min_size=256, max_pixels=400_000)
     with caplog.at_level("WARNING", logger="qprobe.bench.synthesize"):
         result = synthesize(cfg, progress=False)
-    assert result.metrics["skipped"] == {"total": 5, "too_small": 1, "too_large": 1, "unreadable": 3}
+    assert result.metrics["skipped"] == {"total": 5, "too_small": 1, "too_large": 1, "extreme_aspect": 0,
+                                         "unsupported": 0, "unreadable": 3}
     assert result.metrics["sources_listed"] == 14 and result.metrics["sources_used"] == 9
     skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
     assert len(skips) == 5 and all("\n" not in s for s in skips)
@@ -140,6 +226,23 @@ def test_bad_inputs_are_skipped_counted_and_logged(tmp_path, tiny_photos, awkwar
     assert (rotated.width, rotated.height) == (240, 320)  # EXIF orientation applied
     alpha = manifest[manifest["source"].str.endswith("awkward/alpha.png")].iloc[0]
     assert np.asarray(load_image(Path(cfg.out) / alpha.image))[:, :100].min() >= 200  # transparent -> white
+
+
+def test_listing_skips_are_counted_and_every_skip_is_written_above_the_progress_bar(tmp_path, tiny_photos, capsys):
+    Image.open(tiny_photos / "coffee.png").save(tiny_photos / "clip.gif")
+    (tiny_photos / "loop.jpg").symlink_to("loop.jpg")
+    Image.new("RGB", (2010, 10)).save(tiny_photos / "strip.png")
+    result = synthesize(_config(tmp_path, tiny_photos, num_images=None, contact_sheet_size=0), progress=True)
+    assert result.metrics["skipped"] == {"total": 3, "too_small": 0, "too_large": 0, "extreme_aspect": 1,
+                                         "unsupported": 1, "unreadable": 1}
+    assert result.metrics["images"] == 5
+    err = capsys.readouterr().err
+    assert "bench:" in err and "img/s" in err  # the bar was drawn
+    # tqdm.write clears the bar's line ("\r", blanks, "\r") before each line it prints; a line
+    # printed past tqdm would follow the bar's text instead.
+    starts = [m.start() for m in re.finditer(r"skipped \(", err)]
+    assert len(starts) == 3
+    assert all(re.search(r"\r *\r$", err[:start]) for start in starts), err
 
 
 def test_missing_or_empty_source_fails_cleanly_through_the_cli(tmp_path, capsys):

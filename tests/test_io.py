@@ -11,7 +11,9 @@ from PIL import Image
 
 from qprobe.io import (
     ImageError,
+    OutputOverlapError,
     atomic_path,
+    check_out_vs_in,
     content_hash,
     image_size,
     load_image,
@@ -120,3 +122,31 @@ def test_content_hash_of_a_folder_is_stable_and_content_based(tmp_path: Path):
     assert content_hash(tmp_path / "a") != content_hash(tmp_path / "b")
     with pytest.raises(FileNotFoundError):
         content_hash(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(("out", "inputs", "relation"), [
+    ("a/photos", ["a/photos"], "is"),
+    ("a/photos/out", ["elsewhere", "a/photos"], "is inside"),
+    ("a", ["a/photos"], "contains"),
+    ("a/./photos/../photos", ["a/photos"], "is"),
+])
+def test_out_overlapping_an_input_is_refused_in_one_line(tmp_path, monkeypatch, out, inputs, relation):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputOverlapError) as info:
+        check_out_vs_in(out, *inputs, what="--out")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"--out {out}: {relation} the input folder ")
+
+
+def test_out_beside_an_input_sharing_its_prefix_is_fine(tmp_path):
+    (tmp_path / "photos").mkdir()
+    check_out_vs_in(tmp_path / "photos2", tmp_path / "photos", None, what="--out")
+    check_out_vs_in(tmp_path / "photos", tmp_path / "photos2", what="--out")
+    check_out_vs_in(tmp_path / "out", what="--out")
+
+
+def test_out_reaching_an_input_through_a_symlink_is_refused(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "photos")
+    with pytest.raises(OutputOverlapError, match="is the input folder"):
+        check_out_vs_in(tmp_path / "link", tmp_path / "photos", what="--out")

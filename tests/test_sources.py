@@ -29,6 +29,42 @@ def test_folder_is_listed_recursively_in_order_with_image_suffixes_only(tiny_pho
     assert len(photo.md5) == 32
 
 
+def test_gifs_and_unresolvable_links_are_listed_as_skipped_not_dropped(tiny_photos):
+    Image.open(tiny_photos / "coffee.png").save(tiny_photos / "animals" / "clip.gif")
+    (tiny_photos / "loop.jpg").symlink_to("loop.jpg")
+    (tiny_photos / "a.png").symlink_to("b.png")
+    (tiny_photos / "b.png").symlink_to("a.png")
+    (tiny_photos / "gone.png").symlink_to("nowhere.png")
+    (tiny_photos / "linked.png").symlink_to("coffee.png")  # a good link is a photo like any other
+    source = open_source(str(tiny_photos))
+    assert "linked.png" in {i.key for i in source.items} and len(source.items) == 6
+    skipped = {str(s).split(": ", 1)[0].removeprefix(f"{tiny_photos.as_posix()}/"): (s.reason, str(s).split(": ", 1)[1])
+               for s in source.skipped}
+    assert skipped == {
+        "a.png": ("unreadable", "symlink loop"), "b.png": ("unreadable", "symlink loop"),
+        "loop.jpg": ("unreadable", "symlink loop"), "gone.png": ("unreadable", "symlink to a missing file"),
+        "animals/clip.gif": ("unsupported", "GIF files are not taken as photos "
+                                            "(convert to one of .jpeg, .jpg, .png, .tif, .tiff, .webp)")}
+
+
+def test_a_folder_of_only_gifs_says_what_it_skipped(tmp_path, tiny_photos):
+    (tmp_path / "gifs").mkdir()
+    Image.open(tiny_photos / "coffee.png").save(tmp_path / "gifs" / "a.gif")
+    with pytest.raises(SourceError, match=r"gifs: no images found \(looked for .*\); 1 skipped, the first: .*a.gif: GIF"):
+        open_source(str(tmp_path / "gifs"))
+
+
+def test_a_photo_beyond_the_models_aspect_ratio_is_skipped():
+    buffer = io.BytesIO()
+    Image.new("RGB", (2010, 10)).save(buffer, format="PNG")
+    with pytest.raises(SkipPhoto, match=r"^strip.png: 2010x10 is wider than the model's 200:1 aspect ratio limit$") as info:
+        decode(buffer.getvalue(), "strip.png", 256, 10**8)
+    assert info.value.reason == "extreme_aspect"
+    buffer = io.BytesIO()
+    Image.new("RGB", (10, 2000)).save(buffer, format="PNG")  # 200:1 exactly is what the model takes
+    assert decode(buffer.getvalue(), "tall.png", 256, 10**8).pixels.shape == (2000, 10, 3)
+
+
 def test_listing_does_not_read_photos(tiny_photos):
     (tiny_photos / "broken.jpg").write_bytes(b"garbage")
     source = open_source(str(tiny_photos))  # listing succeeds: the bad file fails only when loaded

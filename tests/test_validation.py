@@ -99,3 +99,21 @@ def test_each_broken_rule_is_reported(tmp_path, breakage, expected):
     breakage(rows, tmp_path)
     failures = _failures(tmp_path, rows)
     assert any(expected in line for line in failures), failures
+
+
+def test_image_paths_outside_the_bench_folder_are_refused(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    rows = _bench(bench)
+    outside = tmp_path / "outside.png"
+    Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(outside)  # a real file of the right size
+    escapes = {"im0": str(outside), "im1": "../outside.png", "im2": "images/../../outside.png"}
+    for row in rows:
+        row["image"] = escapes[row["id"]]
+    failures = _failures(bench, rows)
+    assert failures == ["manifest: im0: image path " + repr(str(outside)) + " is absolute",
+                        "manifest: im1: image path '../outside.png' leaves the folder",
+                        "manifest: im2: image path 'images/../../outside.png' leaves the folder"]
+    rows[0]["image"], rows[1]["image"] = "C:\\bench\\im0.png", "images/../images/im1.png"
+    rows[2]["image"] = "images/im2.png"
+    assert _failures(bench, rows) == ["manifest: im0: image path 'C:\\\\bench\\\\im0.png' is absolute"]

@@ -38,6 +38,7 @@ from qprobe.io import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     ImageError,
+    check_out_vs_in,
     load_image,
     save_image_atomic,
     write_text_atomic,
@@ -220,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = list(_expand(paths))
     batch = len(files) > 1 or any(p.is_dir() for p in paths)
     out = Path(cfg.out) if cfg.out else (Path(DEFAULT_BATCH_OUT) if batch else None)
+    folders = [p for p in paths if p.is_dir()]
+    for flag, folder in (("--out", out), ("--viz", cfg.viz)):
+        if folder:
+            check_out_vs_in(folder, *folders, what=flag)
     if not batch:
         _load(files[0], cfg)  # a bad single photo fails before the model loads
     hf_logging.disable_progress_bar()

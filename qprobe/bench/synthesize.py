@@ -12,8 +12,18 @@ For every source photo (:mod:`qprobe.data.sources`), ``qprobe bench``:
    the variants is left pristine.
 4. writes ``images/<id>.png`` and then ``records/<id>.json`` (both atomically): an image with its
    record is finished, and a re-run of a killed stage skips it;
-5. once all photos are done, assigns splits by source photo, writes ``manifest.parquet``, validates
-   it (:mod:`qprobe.validation.bench`), draws ``contact_sheet.jpg`` and writes the metrics file.
+5. once all photos are done, assigns splits by source photo, writes ``manifest.parquet`` (with the
+   settings' fingerprint in its metadata), validates it (:mod:`qprobe.validation.bench`), draws
+   ``contact_sheet.jpg`` and writes the metrics file.
+
+Ownership: the output folder may hold files bench did not write (it may be any folder a user
+names). Bench lists every file it writes in ``.qprobe-owned.json`` (written atomically, *before*
+the files) and deletes only files in that list, and leftovers of its own killed atomic writes of
+them. A run whose plan would overwrite an image or record that is not in the list refuses before
+writing anything; a finished record of the same settings (it names its image and the settings'
+fingerprint, and is rewritten byte for byte anyway) is taken over. A run that has images to
+(re)make removes the old manifest first, so a killed run never leaves a manifest that describes
+images it has replaced.
 
 Determinism: every image's random generator is seeded from ``(seed, photo key, variant)``, so the
 output does not depend on the order photos are processed in, the number of workers, or which
@@ -54,8 +64,24 @@ from qprobe.bench.regions import place_regions
 from qprobe.bench.texture import TextureMap, texture_map
 from qprobe.config import parse_config, to_flat_dict
 from qprobe.data.manifest import MANIFEST_NAME, SPLITS, Defect, read_manifest, write_manifest
-from qprobe.data.sources import SKIP_REASONS, SkipPhoto, Source, SourceError, SourceItem, open_source
-from qprobe.io import DEFAULT_MAX_PIXELS, save_image_atomic, write_json_atomic
+from qprobe.data.sources import (
+    SKIP_REASONS,
+    SkipPhoto,
+    Source,
+    SourceError,
+    SourceItem,
+    local_folder,
+    open_source,
+)
+from qprobe.errors import QProbeError
+from qprobe.io import (
+    DEFAULT_MAX_PIXELS,
+    atomic_temp_target,
+    check_out_vs_in,
+    outside_folder,
+    save_image_atomic,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +92,18 @@ IMAGES_DIR = "images"
 RECORDS_DIR = "records"
 CONTACT_SHEET = "contact_sheet.jpg"
 INVALID_MANIFEST = "manifest.invalid.parquet"
+CANDIDATE_MANIFEST = "manifest.candidate.parquet"
+LEDGER = ".qprobe-owned.json"
+# The documented outputs at fixed names: always bench's to write (and to remove when invalid).
+FIXED_OUTPUTS = (MANIFEST_NAME, CANDIDATE_MANIFEST, INVALID_MANIFEST, CONTACT_SHEET)
+FINGERPRINT_KEY = "qprobe.bench.fingerprint"
 # The fields that change the images or records; anything else (paths, workers, limits) does not.
 _FINGERPRINT_FIELDS = ("seed", "defects_per_image", "region_size", "max_overlap", "top_fraction", "types",
                        "feather", "format", "texture_size", "texture_levels")
+
+
+class ForeignFileError(QProbeError, ValueError):
+    """A file in the output folder that bench would have to overwrite but cannot prove it wrote."""
 
 
 @dataclass
@@ -272,6 +307,42 @@ def _paths(out: Path, job_id: str, fmt: str) -> tuple[Path, Path]:
     return out / IMAGES_DIR / f"{job_id}.{fmt}", out / RECORDS_DIR / f"{job_id}.json"
 
 
+def _job_files(job_id: str, fmt: str) -> set[str]:
+    """The files one image writes, relative to the output folder (the ledger's form)."""
+    return {f"{IMAGES_DIR}/{job_id}.{fmt}", f"{RECORDS_DIR}/{job_id}.json"}
+
+
+def _read_ledger(out: Path) -> set[str]:
+    """The files (relative paths) bench recorded as its own in ``out``; empty for a folder it never wrote."""
+    path = out / LEDGER
+    if not path.exists():
+        return set()
+    try:
+        files = json.loads(path.read_text())["files"]
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise ValueError("'files' is not a list of paths")
+        escaping = next((f for f in files if outside_folder(f)), None)
+        if escaping is not None:
+            raise ValueError(f"{escaping!r} {outside_folder(escaping)}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ForeignFileError(f"{path}: unreadable list of the files bench wrote ({exc}); "
+                               "bench cannot tell its files from others: choose another --out") from exc
+    return set(files)
+
+
+def _write_ledger(out: Path, files: set[str]) -> None:
+    write_json_atomic(out / LEDGER, {"files": sorted(files)})
+
+
+def _refuse_foreign(out: Path, files: set[str], owned: set[str]) -> None:
+    """Raise :class:`ForeignFileError` if any of ``files`` exists in ``out`` but is not ``owned``."""
+    foreign = sorted(f for f in files - owned if os.path.lexists(out / f))
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise ForeignFileError(f"{out / foreign[0]}{more}: exists but bench did not write it (not in "
+                               f"{out / LEDGER}); move it away or choose another --out (nothing was written)")
+
+
 def _save(pixels: np.ndarray, path: Path, fmt: str) -> None:
     image = Image.fromarray(pixels)
     if fmt == "png":
@@ -365,17 +436,22 @@ def _run_tasks(tasks: list[Task], cfg: BenchConfig, bar: tqdm) -> Iterator[TaskR
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _remove_stale(out: Path, records: list[dict[str, Any]]) -> int:
-    """Delete files in images/ and records/ that no record names (earlier plans, killed writes); returns how many."""
-    keep = {r["image"] for r in records} | {f"{RECORDS_DIR}/{r['id']}.json" for r in records}
+def _remove_stale(out: Path, owned: set[str], keep: set[str]) -> int:
+    """Delete the owned files not in ``keep`` (earlier plans) and leftovers of killed writes of owned files.
+
+    Returns how many files it deleted. A file that is not in ``owned`` is never touched.
+    """
+    stale = [out / rel for rel in sorted(owned - keep)]
+    for folder in (out, out / IMAGES_DIR, out / RECORDS_DIR):
+        if folder.is_dir():
+            stale += [p for p in sorted(folder.glob(".*.tmp*"))
+                      if (target := atomic_temp_target(p)) is not None
+                      and target.relative_to(out).as_posix() in owned]
     removed = 0
-    for folder in (IMAGES_DIR, RECORDS_DIR):
-        if not (out / folder).is_dir():
-            continue
-        for path in (out / folder).iterdir():
-            if path.is_file() and f"{folder}/{path.name}" not in keep:
-                path.unlink()
-                removed += 1
+    for path in stale:
+        if path.is_file():
+            path.unlink()
+            removed += 1
     return removed
 
 
@@ -402,7 +478,7 @@ def _metrics(records: list[dict[str, Any]], skipped: Counter, new: int, listed: 
     }
 
 
-def _write_validated_manifest(records: list[dict[str, Any]], out: Path) -> Path:
+def _write_validated_manifest(records: list[dict[str, Any]], out: Path, fingerprint: str) -> Path:
     """Write the manifest beside its final name, validate it, then rename it into place.
 
     A manifest that fails is kept as ``manifest.invalid.parquet`` for inspection, and any older
@@ -413,7 +489,7 @@ def _write_validated_manifest(records: list[dict[str, Any]], out: Path) -> Path:
     from qprobe.validation.core import ValidationError
 
     final, invalid = out / MANIFEST_NAME, out / INVALID_MANIFEST
-    candidate = write_manifest(records, out / "manifest.candidate.parquet")
+    candidate = write_manifest(records, out / CANDIDATE_MANIFEST, metadata={FINGERPRINT_KEY: fingerprint})
     try:
         validate_bench_manifest(read_manifest(candidate), out, DEGRADATIONS, name=str(final))
     except ValidationError:
@@ -428,33 +504,50 @@ def _write_validated_manifest(records: list[dict[str, Any]], out: Path) -> Path:
 def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = True) -> BenchResult:
     """Make the bench described by ``cfg`` (see the module docstring); returns what it wrote.
 
-    Raises :class:`~qprobe.data.sources.SourceError` for a missing or empty source (before writing
-    anything) and :class:`~qprobe.validation.core.ValidationError` for a manifest that fails its suite.
+    Raises :class:`~qprobe.data.sources.SourceError` for a missing or empty source and
+    :class:`ForeignFileError` for a file in the way that bench did not write (both before writing
+    anything), and :class:`~qprobe.validation.core.ValidationError` for a manifest that fails its suite.
     """
     start = time.perf_counter()
     source = source or open_source(cfg.source, cfg.image_column)
     out = Path(cfg.out)
+    new_folder = not out.exists()
+    owned = _read_ledger(out)
     plan = plan_jobs(source.items, cfg.num_images, cfg.pristine_fraction, cfg.seed)
     finished: dict[str, dict[str, Any]] = {}
     tasks: list[Task] = []
+    pending_files: set[str] = set()
     for item, jobs in plan:
         pending = []
         for job in jobs:
             record = _finished(out, job, cfg)
             if record is None:
                 pending.append(job)
+                pending_files |= _job_files(job.image_id, cfg.format)
             else:
                 finished[job.image_id] = record
         if pending:
             tasks.append(Task(item, tuple(pending)))
+    _refuse_foreign(out, pending_files, owned)
+    # Listed before written: a run killed at any point leaves no file of its own off the list.
+    owned |= pending_files | set(FIXED_OUTPUTS)
+    owned |= {f for image_id in finished for f in _job_files(image_id, cfg.format)}
+    _write_ledger(out, owned)
+    if tasks:
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
     total = sum(len(jobs) for _, jobs in plan)
     if finished:
         log.info("resuming: %d of %d images already done in %s", len(finished), total, out)
 
     skipped: Counter = Counter()
     new = 0
+    # Console logging goes through tqdm.write inside this block: a skip line is printed above the
+    # bar instead of over it.
     with logging_redirect_tqdm(), tqdm(total=total, initial=len(finished), unit="img", desc="bench",
                                        disable=not progress, dynamic_ncols=True) as bar:
+        for skip in source.skipped:
+            skipped[skip.reason] += 1
+            log.warning("skipped (%s): %s", skip.reason, skip)
         for result in _run_tasks(tasks, cfg, bar):
             if result.skip_reason:
                 skipped[result.skip_reason] += 1
@@ -465,16 +558,21 @@ def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = 
 
     records = sorted(finished.values(), key=lambda r: r["id"])
     if not records:
+        if new_folder:  # a run that made nothing leaves nothing: only the ledger was written
+            (out / LEDGER).unlink()
+            out.rmdir()
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
         raise SourceError(f"{source.spec}: no usable photos among {len(source.items)} ({reasons})")
     splits = assign_splits(sorted({r["key"] for r in records}), cfg.splits, cfg.seed)
     for record in records:
         record["split"] = splits[record["key"]]
 
-    removed = _remove_stale(out, records)
+    keep = {f for r in records for f in _job_files(r["id"], cfg.format)} | set(FIXED_OUTPUTS)
+    removed = _remove_stale(out, owned, keep)
     if removed:
         log.info("removed %d files of images no longer in the plan", removed)
-    manifest = _write_validated_manifest(records, out)
+    _write_ledger(out, keep)
+    manifest = _write_validated_manifest(records, out, cfg.fingerprint())
     sheet = make_contact_sheet(records, out, out / CONTACT_SHEET, cfg.contact_sheet_size)
     metrics = _metrics(records, skipped, new, len(source.items), time.perf_counter() - start)
     write_json_atomic(cfg.metrics, metrics)
@@ -510,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     from qprobe.tracking import log_artifact, log_dataset, log_metrics, stage_run
 
     cfg = parse_config(BenchConfig, "bench", argv, prog="qprobe bench", description=inspect.cleandoc(main.__doc__ or ""))
+    check_out_vs_in(cfg.out, local_folder(cfg.source), what="--out")
     # List the source before the MLflow run starts: a missing or empty source writes nothing at all.
     source = open_source(cfg.source, cfg.image_column)
     with stage_run("bench", to_flat_dict(cfg)):

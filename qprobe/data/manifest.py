@@ -84,12 +84,15 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def write_manifest(records: list[dict[str, Any]], path: str | Path) -> Path:
-    """Write ``records`` (dicts with the schema's keys) to ``path`` atomically; returns the path."""
+def write_manifest(records: list[dict[str, Any]], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``records`` (dicts with the schema's keys) to ``path`` atomically; returns the path.
+
+    ``metadata`` goes into the Parquet schema's key/value metadata (see :func:`manifest_metadata`).
+    """
     path = Path(path)
     if path.is_dir() or path.suffix != ".parquet":
         path = path / MANIFEST_NAME
-    table = pa.Table.from_pylist([_row(r) for r in records], schema=SCHEMA)
+    table = pa.Table.from_pylist([_row(r) for r in records], schema=SCHEMA.with_metadata(metadata or {}))
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path
@@ -117,6 +120,18 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         df["mos_raw"] = None
     df.attrs["path"] = str(path)
     return df
+
+
+def manifest_metadata(path: str | Path) -> dict[str, str]:
+    """The key/value metadata :func:`write_manifest` stored (Arrow's own keys left out), from the footer alone."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    try:
+        stored = pq.read_schema(path).metadata or {}
+    except Exception as exc:
+        raise ManifestError(f"{path}: not a readable Parquet file ({exc})") from exc
+    return {k.decode(): v.decode() for k, v in stored.items() if not k.startswith(b"ARROW:")}
 
 
 def image_path(manifest_path: str | Path, relpath: str) -> Path:

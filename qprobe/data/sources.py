@@ -17,9 +17,12 @@ and a picklable loader, so that a process pool can load photos in its workers an
 thousands of photos is never held in memory at once.
 
 :meth:`SourceItem.load` reads the photo through :mod:`qprobe.io` (EXIF orientation, RGB, pixel
-limit, corrupt files) and checks its size from the header before decoding. A photo that cannot be
-used raises :class:`SkipPhoto` with a reason code (``too_small``, ``too_large``, ``unreadable``)
-and a one-line message; the caller logs and counts it and goes on.
+limit, corrupt files) and checks its size and aspect ratio from the header before decoding. A photo
+that cannot be used raises :class:`SkipPhoto` with a reason code (``too_small``, ``too_large``,
+``extreme_aspect``, ``unreadable``) and a one-line message; the caller logs and counts it and goes
+on. Files the listing itself cannot take (GIFs, symlink loops and dangling links with a photo's
+suffix) are not dropped silently either: they are in :attr:`Source.skipped`, as ``unsupported`` or
+``unreadable``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,12 @@ from qprobe.errors import QProbeError
 from qprobe.io import ImageError, load_image_bytes
 
 SOURCE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff"})
-SKIP_REASONS = ("too_small", "too_large", "unreadable")
+# Image files that are not taken as photos (animations, 256-colour palettes), but counted as skipped.
+UNSUPPORTED_EXTENSIONS = frozenset({".gif"})
+SKIP_REASONS = ("too_small", "too_large", "extreme_aspect", "unsupported", "unreadable")
+# Qwen2.5-VL's smart_resize refuses a longer:shorter side ratio above this (qprobe.agent.crop.budget_size
+# reports it at scoring time); the bench skips such photos instead of writing images no model can read.
+MAX_ASPECT_RATIO = 200
 
 # scikit-image's bundled photographs, 14 scenes: the val and test splits hold scenes no training set
 # has, and five training scenes were too few for the tiny model to generalise to them. The grey ones
@@ -90,6 +98,7 @@ class Source:
     spec: str
     items: list[SourceItem]
     lineage_uri: str  # what MLflow records as the dataset's source (a path or an s3:// URI)
+    skipped: list[SkipPhoto] = field(default_factory=list)  # files listed but not taken (see the module docstring)
 
 
 def decode(data: bytes, name: str, min_size: int, max_pixels: int) -> Photo:
@@ -105,6 +114,9 @@ def decode(data: bytes, name: str, min_size: int, max_pixels: int) -> Photo:
             raise SkipPhoto("too_large", f"{name}: {width}x{height} is over the pixel limit ({max_pixels})")
         if max(width, height) < min_size:
             raise SkipPhoto("too_small", f"{name}: {width}x{height} is below the minimum size ({min_size} px)")
+        if width and height and max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+            raise SkipPhoto("extreme_aspect", f"{name}: {width}x{height} is wider than the model's "
+                                              f"{MAX_ASPECT_RATIO}:1 aspect ratio limit")
     try:
         image = load_image_bytes(data, name, max_pixels=max_pixels)
     except ImageError as exc:
@@ -165,35 +177,62 @@ def _read_hf(name: str, split: str, column: str, index: int) -> tuple[bytes, str
     return Path(cell["path"]).read_bytes(), label
 
 
-def _folder(spec: str) -> Source:
-    root = Path(spec)
+def _unsupported(uri: str) -> SkipPhoto | None:
+    """The skip of a listed file with an image suffix the bench does not take, or None."""
+    suffix = Path(uri).suffix.lower()
+    if suffix in UNSUPPORTED_EXTENSIONS:
+        return SkipPhoto("unsupported", f"{uri}: {suffix[1:].upper()} files are not taken as photos "
+                                        f"(convert to one of {', '.join(sorted(SOURCE_EXTENSIONS))})")
+    return None
+
+
+def _unresolvable_link(path: Path) -> SkipPhoto | None:
+    """The skip of a symlink that loops or dangles (``is_file`` is False for both), or None."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.resolve(strict=True)
+    except FileNotFoundError:
+        return SkipPhoto("unreadable", f"{path.as_posix()}: symlink to a missing file")
+    except (OSError, RuntimeError):  # RuntimeError: Python 3.11's "Symlink loop"
+        return SkipPhoto("unreadable", f"{path.as_posix()}: symlink loop")
+    return None
+
+
+def _folder(root: Path, spec: str) -> Source:
     if not root.exists():
         raise SourceError(f"{spec}: source folder not found")
     if not root.is_dir():
         raise SourceError(f"{spec}: source is a file, not a folder of photos")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SOURCE_EXTENSIONS
-                   and not p.name.startswith("."))
-    items = []
-    for path in paths:
+    items, skipped = [], []
+    for path in sorted(root.rglob("*")):
+        if path.name.startswith(".") or path.suffix.lower() not in SOURCE_EXTENSIONS | UNSUPPORTED_EXTENSIONS:
+            continue
         rel = path.relative_to(root).as_posix()
         uri = (root / rel).as_posix()
-        items.append(SourceItem(key=rel, uri=uri, loader=functools.partial(_read_file, str(path))))
-    return Source(spec=spec, items=items, lineage_uri=str(root.resolve()))
+        if skip := _unresolvable_link(path) or (_unsupported(uri) if path.is_file() else None):
+            skipped.append(skip)
+        elif path.is_file():
+            items.append(SourceItem(key=rel, uri=uri, loader=functools.partial(_read_file, str(path))))
+    return Source(spec=spec, items=items, lineage_uri=str(root.resolve()), skipped=skipped)
 
 
 def _s3(spec: str) -> Source:
     bucket, prefix = storage.parse_s3_uri(spec)
     try:
-        objects = list(storage.list_objects(spec, SOURCE_EXTENSIONS))
+        objects = list(storage.list_objects(spec, SOURCE_EXTENSIONS | UNSUPPORTED_EXTENSIONS))
     except storage.StorageError as exc:
         raise SourceError(str(exc)) from exc
     base = prefix if not prefix or prefix.endswith("/") else prefix + "/"
-    items = []
+    items, skipped = [], []
     for obj in objects:
         uri = obj.uri(bucket)
         key = obj.key[len(base):] if obj.key.startswith(base) else obj.key
-        items.append(SourceItem(key=key, uri=uri, loader=functools.partial(_read_s3, uri)))
-    return Source(spec=spec, items=items, lineage_uri=spec)
+        if skip := _unsupported(uri):
+            skipped.append(skip)
+        else:
+            items.append(SourceItem(key=key, uri=uri, loader=functools.partial(_read_s3, uri)))
+    return Source(spec=spec, items=items, lineage_uri=spec, skipped=skipped)
 
 
 def _skimage(spec: str) -> Source:
@@ -217,16 +256,24 @@ def _hf(spec: str, column: str) -> Source:
     return Source(spec=spec, items=items, lineage_uri=str(Path(cache).parent))
 
 
+def local_folder(spec: str) -> Path | None:
+    """The local folder a source string names, or None for ``skimage``, ``hf:`` and ``s3://`` sources."""
+    if spec == "skimage" or spec.startswith("hf:") or storage.is_s3_uri(spec):
+        return None
+    return Path(spec)
+
+
 def open_source(spec: str, image_column: str = "") -> Source:
     """List the photos of ``spec`` (see the module docstring); raise :class:`SourceError` if there are none."""
     if spec == "skimage":
         source = _skimage(spec)
     elif spec.startswith("hf:"):
         source = _hf(spec, image_column)
-    elif storage.is_s3_uri(spec):
+    elif (folder := local_folder(spec)) is None:
         source = _s3(spec)
     else:
-        source = _folder(spec)
+        source = _folder(folder, spec)
     if not source.items:
-        raise SourceError(f"{spec}: no images found (looked for {', '.join(sorted(SOURCE_EXTENSIONS))})")
+        skipped = f"; {len(source.skipped)} skipped, the first: {source.skipped[0]}" if source.skipped else ""
+        raise SourceError(f"{spec}: no images found (looked for {', '.join(sorted(SOURCE_EXTENSIONS))}){skipped}")
     return source

@@ -60,7 +60,14 @@ from qprobe.eval import probes
 from qprobe.eval.baselines import AgentScorer, PiqeScorer, Prediction, Scorer
 from qprobe.eval.metrics import NAN, group_metrics, localisation, recall_by_type, score_metrics
 from qprobe.eval.report import ReportData, write_figures, write_report
-from qprobe.io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_image, write_json_atomic, write_text_atomic
+from qprobe.io import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    check_out_vs_in,
+    load_image,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -549,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from qprobe.tracking import log_artifact, log_dataset, log_metrics, stage_run
 
     cfg = parse_args(argv)
+    manifest_folders = [p if p.is_dir() else p.parent for p in map(Path, cfg.data)]
+    check_out_vs_in(cfg.out, *manifest_folders, cfg.model if Path(cfg.model).is_dir() else None, what="--out")
     with stage_run("evaluate", to_flat_dict(cfg)):
         for spec in cfg.data:
             log_dataset(spec, name=f"eval:{spec}", context="input")

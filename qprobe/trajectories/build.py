@@ -49,7 +49,7 @@ from qprobe.bench.texture import TextureMap, texture_map
 from qprobe.config import parse_config, to_flat_dict
 from qprobe.data.manifest import image_path, read_manifest
 from qprobe.errors import QProbeError
-from qprobe.io import load_image, write_json_atomic, write_text_atomic
+from qprobe.io import check_out_vs_in, load_image, write_json_atomic, write_text_atomic
 from qprobe.trajectories import composer
 from qprobe.trajectories.planner import PlannerConfig, plan_crops
 from qprobe.trajectories.teacher import Teacher
@@ -427,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cfg = parse_config(TrajectoriesConfig, "trajectories", argv, prog="qprobe trajectories",
                        description=__doc__)
+    check_out_vs_in(cfg.out, cfg.bench, what="--out")
     start = time.perf_counter()
     with stage_run("trajectories", to_flat_dict(asdict(cfg))):
         log_dataset(cfg.bench, "vista-bench", "input")

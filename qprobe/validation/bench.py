@@ -2,8 +2,8 @@
 
 Two frames are validated. The manifest itself (one row per image): unique ids and image paths,
 no nulls in required columns, splits from ``train``/``val``/``test``, MOS in ``[1, 5]``,
-``mos_std >= 0``, ``has_defect`` true exactly when ``defects`` is non-empty, every image file
-present with the recorded width and height, and no source photo in two splits. The defects
+``mos_std >= 0``, ``has_defect`` true exactly when ``defects`` is non-empty, every image path
+relative and inside the bench folder, every image file present with the recorded width and height, and no source photo in two splits. The defects
 exploded to one row each: severity in ``1..5``, a known type, and a non-empty box inside its image.
 """
 
@@ -16,7 +16,7 @@ import great_expectations.expectations as gxe
 import pandas as pd
 
 from qprobe.data.manifest import SPLITS, image_path
-from qprobe.io import image_size
+from qprobe.io import image_size, outside_folder
 from qprobe.validation.core import Check, Suite, require
 
 MAX_LISTED = 5  # offending rows named per Python check
@@ -48,11 +48,14 @@ def splits_disjoint_by_source(manifest: pd.DataFrame) -> Iterator[str]:
 
 
 def image_files_check(root: Path) -> Check:
-    """A check that every ``image`` exists under ``root`` with the row's width and height."""
+    """A check that every ``image`` lies inside ``root`` and exists there with the row's width and height."""
 
     def check(manifest: pd.DataFrame) -> Iterator[str]:
         problems = []
         for row in manifest.itertuples(index=False):
+            if reason := outside_folder(row.image):
+                problems.append(f"{row.id}: image path {row.image!r} {reason}")
+                continue
             path = image_path(root, row.image)
             if not path.is_file():
                 problems.append(f"{row.id}: image file {path} is missing")

@@ -73,7 +73,8 @@ from qprobe.data.public.deqa import load_deqa
 from qprobe.data.public.synthetic import load_csiq, load_kadid10k, load_pipal, load_tid2013
 from qprobe.data.public.wild import load_agiqa3k, load_koniq10k, load_livec, load_spaq
 from qprobe.errors import QProbeError
-from qprobe.io import file_md5, image_size
+from qprobe.io import check_out_vs_in, file_md5, image_size
+from qprobe.storage import is_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -246,5 +247,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(ImportConfig, "data_import", argv, prog="qprobe data import NAME", description=description)
     if name is None:
         raise QProbeError(f"missing dataset NAME (one of: {', '.join(LOADERS)})")
+    check_out_vs_in(config.out, None if is_s3_uri(config.root) else config.root, what="--out")
     import_dataset(name, config)
     return 0
