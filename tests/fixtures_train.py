@@ -1,12 +1,22 @@
-"""Helpers for the training-stage tests: the latest MLflow run, and a run killed after checkpoint-2."""
+"""Helpers for the training-stage tests: the latest MLflow run, a run killed after checkpoint-2 (in process),
+and a stage run as `qprobe train` in a subprocess, whole or SIGKILLed once a checkpoint is complete."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import mlflow
 
 from qprobe.train import common
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def latest_run() -> Any:
@@ -19,3 +29,39 @@ class KilledAfterStep2(common.MlflowLogCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == 2:
             raise KeyboardInterrupt
+
+
+def stage_process(stage: str, params: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`qprobe train <stage> --params <params>` in a subprocess of this checkout, on one torch thread (so that
+    two runs of one config compute alike), its output to ``log``. MLflow's store is this test's (environment)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "qprobe.cli", "train", stage, "--params", str(params)],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def train(stage: str, params: Path, log: Path) -> None:
+    """Run the stage to its end; fails with its output if it does not exit 0."""
+    code = stage_process(stage, params, log).wait()
+    assert code == 0, f"qprobe train {stage} exited {code}:\n{log.read_text()[-4000:]}"
+
+
+def complete_checkpoint(checkpoints: Path) -> Path | None:
+    """A checkpoint under ``checkpoints/<fingerprint>/`` whose trainer_state.json (written last) is whole."""
+    for state in checkpoints.glob("*/checkpoint-*/trainer_state.json"):
+        try:
+            json.loads(state.read_text())
+        except (OSError, ValueError):
+            continue
+        return state.parent
+    return None
+
+
+def train_killed(stage: str, params: Path, checkpoints: Path, log: Path) -> None:
+    """Run the stage and SIGKILL it (a preempted node: no handler runs) once a checkpoint is complete."""
+    process = stage_process(stage, params, log)
+    while process.poll() is None and complete_checkpoint(checkpoints) is None:
+        time.sleep(0.02)
+    assert process.poll() is None, f"qprobe train {stage} ended before it was killed:\n{log.read_text()[-4000:]}"
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL

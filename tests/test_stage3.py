@@ -108,7 +108,7 @@ def test_crop_reaches_the_model_and_tool_turns_are_masked(tmp_path: Path, taught
 
     tool = functools.partial(CropTool, global_max_pixels=cfg.global_max_pixels, crop_max_pixels=cfg.crop_max_pixels,
                              max_calls=cfg.max_crops)
-    trainer = stage3.GRPOTrainer(model=str(taught_model.path), args=cfg,
+    trainer = stage3.GRPOStageTrainer(model=str(taught_model.path), args=cfg,
                                  reward_funcs=stage3.reward_functions(cfg, report),
                                  train_dataset=Dataset.load_from_disk(str(taught_set)), processing_class=processor,
                                  environment_factory=tool)

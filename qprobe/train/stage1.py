@@ -12,11 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig
 
 from qprobe.config import parse_config
 from qprobe.rewards import build_rewards, required_columns
-from qprobe.train.common import StageArgs, check_pixel_budgets, load_dataset_dir, lora_config, run_stage
+from qprobe.train.common import (
+    GRPOStageTrainer,
+    StageArgs,
+    check_pixel_budgets,
+    load_dataset_dir,
+    lora_config,
+    run_stage,
+)
 
 # Rewards that compare images with each other: each device must see two images or more per batch.
 RANKING_REWARDS = frozenset({"thurstone", "thurstone_soft"})
@@ -94,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = load_dataset_dir(cfg.dataset, ["prompt", "images", *required_columns(cfg.rewards)])
     check_pixel_budgets(dataset, cfg.global_max_pixels)
 
-    def make_trainer(model_path: Path, processor: Any) -> GRPOTrainer:
-        return GRPOTrainer(model=str(model_path), args=cfg, reward_funcs=reward_funcs, train_dataset=dataset,
+    def make_trainer(model_path: Path, processor: Any) -> GRPOStageTrainer:
+        return GRPOStageTrainer(model=str(model_path), args=cfg, reward_funcs=reward_funcs, train_dataset=dataset,
                            processing_class=processor, peft_config=lora_config(cfg))
 
     metrics = run_stage("stage1", cfg, make_trainer)

@@ -11,12 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 from qprobe.agent.crop import DEFAULT_CROP_MAX_PIXELS
 from qprobe.config import parse_config
 from qprobe.errors import QProbeError
-from qprobe.train.common import StageArgs, check_pixel_budgets, load_dataset_dir, lora_config, run_stage
+from qprobe.train.common import (
+    SFTStageTrainer,
+    StageArgs,
+    check_pixel_budgets,
+    load_dataset_dir,
+    lora_config,
+    run_stage,
+)
 
 
 @dataclass
@@ -166,9 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_pixel_budgets(dataset, cfg.global_max_pixels, cfg.crop_max_pixels)
     dataset = repeat_kinds(dataset, cfg.kind_repeats)
 
-    def make_trainer(model_path: Path, processor: Any) -> SFTTrainer:
+    def make_trainer(model_path: Path, processor: Any) -> SFTStageTrainer:
         # Every image sits in its turn's block (crops in tool turns): trl's own collator takes them from there.
-        return SFTTrainer(model=str(model_path), args=cfg, train_dataset=dataset, processing_class=processor,
+        return SFTStageTrainer(model=str(model_path), args=cfg, train_dataset=dataset, processing_class=processor,
                           peft_config=lora_config(cfg))
 
     metrics = run_stage("stage2", cfg, make_trainer, evaluate=lambda out: heldout_metrics(out, cfg),

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig
 from trl.trainer.utils import get_callable_name
 
 from qprobe.agent import protocol
@@ -24,7 +24,14 @@ from qprobe.agent.crop import DEFAULT_CROP_MAX_PIXELS, CropTool, Geometry
 from qprobe.config import parse_config
 from qprobe.errors import QProbeError
 from qprobe.rewards import MIN_REWARD, RewardFn, build_rewards, final_answer, required_columns
-from qprobe.train.common import StageArgs, check_pixel_budgets, load_dataset_dir, lora_config, run_stage
+from qprobe.train.common import (
+    GRPOStageTrainer,
+    StageArgs,
+    check_pixel_budgets,
+    load_dataset_dir,
+    lora_config,
+    run_stage,
+)
 
 # R's components, by registry name (qprobe.rewards). Each scores one rollout on its own: stage 1's ranking
 # rewards, which compare the images of a batch, have no place here.
@@ -399,10 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     reports: list[RolloutReport] = []  # the trainer's, once built
 
-    def make_trainer(model_path: Path, processor: Any) -> GRPOTrainer:
+    def make_trainer(model_path: Path, processor: Any) -> GRPOStageTrainer:
         tokenizer = processor.tokenizer
         reports.append(RolloutReport(cfg, stop_ids=[tokenizer.eos_token_id, tokenizer.pad_token_id]))
-        return GRPOTrainer(model=str(model_path), args=cfg, reward_funcs=reward_functions(cfg, reports[-1]),
+        return GRPOStageTrainer(model=str(model_path), args=cfg, reward_funcs=reward_functions(cfg, reports[-1]),
                            train_dataset=dataset, processing_class=processor, peft_config=lora_config(cfg),
                            environment_factory=tool)
 
