@@ -551,16 +551,6 @@ def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = 
                        source_digest=hashlib.md5(listing.encode()).hexdigest(), contact_sheet=sheet)
 
 
-def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def main(argv: list[str] | None = None) -> int:
     """Synthesise Vista-Bench and record the run in MLflow.
 
@@ -584,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         log_dataset(source.lineage_uri, name=f"bench-source:{cfg.source}", context="source",
                     digest=result.source_digest)
         log_dataset(cfg.out, name="vista-bench", context="output")
-        log_metrics(_flatten(result.metrics))
+        log_metrics(to_flat_dict(result.metrics))
         if result.contact_sheet is not None:
             log_artifact(result.contact_sheet)
         log_artifact(cfg.metrics)
