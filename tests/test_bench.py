@@ -14,7 +14,7 @@ from PIL import Image
 
 from qprobe import cli
 from qprobe.bench import synthesize as bench
-from qprobe.bench.synthesize import BenchConfig, ForeignFileError, assign_splits, plan_jobs, synthesize
+from qprobe.bench.synthesize import BenchConfig, ForeignFileError, plan_jobs, synthesize
 from qprobe.data.manifest import SCHEMA, manifest_metadata, read_manifest
 from qprobe.data.sources import SKIMAGE_PHOTOS, SourceError, SourceItem
 from qprobe.io import load_image, save_image_atomic
@@ -331,12 +331,3 @@ def test_plan_spreads_images_over_photos_and_pristine_over_distinct_photos():
     assert [len(jobs) for _, jobs in few] == [1, 1, 1]
     assert {i.key for i, _ in few} != {i.key for i, _ in plan_jobs(_items(7), 3, 0.0, seed=5)}
     assert sum(len(j) for _, j in plan_jobs(_items(7), None, 0.0, seed=0)) == 7
-
-
-def test_splits_are_by_photo_deterministic_and_never_empty():
-    keys = [f"p{i}" for i in range(7)]
-    splits = assign_splits(keys, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=0)
-    assert sorted(splits.values()).count("train") == 5 and set(splits.values()) == {"train", "val", "test"}
-    assert splits == assign_splits(list(reversed(keys)), {"train": 0.7, "val": 0.15, "test": 0.15}, seed=0)
-    big = assign_splits([f"p{i}" for i in range(1000)], {"train": 0.8, "test": 0.2}, seed=3)
-    assert sorted(big.values()).count("test") == 200

@@ -15,14 +15,10 @@ from fixtures_eval import ScriptedBackend, make_bench
 
 from qprobe.config import ConfigError
 from qprobe.errors import QProbeError
-from qprobe.eval.runner import (
-    EvaluateConfig,
-    evaluate,
-    load_sets,
-    main,
-    parse_args,
-    training_curves,
-)
+from qprobe.eval.config import EvaluateConfig
+from qprobe.eval.curves import training_curves
+from qprobe.eval.runner import evaluate, main, parse_args
+from qprobe.eval.scoring import load_sets
 
 
 @pytest.fixture(scope="module")

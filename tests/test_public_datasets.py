@@ -100,7 +100,8 @@ def test_splits_are_drawn_by_source_and_seeded(tmp_path: Path) -> None:
     first = import_ok("kadid10k", tmp_path / "kadid", tmp_path / "a", "--seed", "3")
     again = import_ok("kadid10k", tmp_path / "kadid", tmp_path / "b", "--seed", "3")
     assert first["split"].tolist() == again["split"].tolist()
-    # 5 references: round(5 * 0.2) = 1 to test, round(5 * 0.2) = 1 to val, each with both its distortions.
+    # 5 references, val 0.1 and test 0.2 (the defaults), by the bench's rule: 3 train, 1 val, 1 test,
+    # each with both its distortions.
     counts = first["split"].value_counts().to_dict()
     assert counts == {"train": 6, "val": 2, "test": 2}
     assert first["source"].str.endswith(".png").all()

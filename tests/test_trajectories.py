@@ -16,7 +16,8 @@ from qprobe.agent import protocol
 from qprobe.bench.synthesize import BenchConfig, synthesize
 from qprobe.cli import main as cli_main
 from qprobe.data.manifest import read_manifest
-from qprobe.trajectories.build import TrajectoriesConfig, build, sample_images
+from qprobe.trajectories.build import build, sample_images
+from qprobe.trajectories.config import TrajectoriesConfig
 from qprobe.trajectories.planner import PlannerConfig
 from qprobe.trajectories.validation import validate_sets
 from qprobe.validation.core import ValidationError

@@ -73,6 +73,7 @@ from qprobe.data.sources import (
     local_folder,
     open_source,
 )
+from qprobe.data.splits import assign_splits, stable_int
 from qprobe.errors import QProbeError
 from qprobe.io import (
     DEFAULT_MAX_PIXELS,
@@ -223,14 +224,9 @@ class BenchResult:
     contact_sheet: Path | None
 
 
-def _hash_int(*parts: object) -> int:
-    digest = hashlib.sha256("\0".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:16], "big")
-
-
 def image_rng(seed: int, key: str, variant: int) -> np.random.Generator:
     """The generator of one image: a function of the seed, the photo's key and the variant only."""
-    return np.random.default_rng([seed, _hash_int("image", key, variant)])
+    return np.random.default_rng([seed, stable_int("image", key, variant)])
 
 
 def image_id(key: str, variant: int) -> str:
@@ -246,7 +242,7 @@ def plan_jobs(items: list[SourceItem], num_images: int | None, pristine_fraction
     Pristine images go to distinct photos first (a second pristine copy of a photo would be a
     duplicate image), on a second round only when there are more pristine images than photos.
     """
-    order = sorted(items, key=lambda it: _hash_int("order", seed, it.key))
+    order = sorted(items, key=lambda it: stable_int("order", seed, it.key))
     total = num_images if num_images is not None else len(order)
     slots = [(i, v) for v in range(math.ceil(total / len(order))) for i in range(len(order))][:total]
     pristine = set(slots[: round(pristine_fraction * total)])
@@ -254,34 +250,6 @@ def plan_jobs(items: list[SourceItem], num_images: int | None, pristine_fraction
     for i, v in slots:
         jobs.setdefault(i, []).append(Job(image_id(order[i].key, v), v, (i, v) in pristine))
     return [(order[i], jobs[i]) for i in sorted(jobs)]
-
-
-def assign_splits(keys: list[str], fractions: dict[str, float], seed: int) -> dict[str, str]:
-    """Split photo keys by the fractions: a seed-shuffled order cut by largest-remainder counts.
-
-    Every split with a positive fraction gets at least one photo when there are enough photos, so
-    a handful of photos still gives a non-empty val and test split.
-    """
-    names = [s for s in SPLITS if fractions.get(s, 0) > 0]
-    n = len(keys)
-    exact = {s: fractions[s] * n for s in names}
-    counts = {s: int(exact[s]) for s in names}
-    for s in sorted(names, key=lambda s: counts[s] - exact[s])[: n - sum(counts.values())]:
-        counts[s] += 1
-    if n >= len(names):
-        for s in names:
-            while counts[s] == 0:
-                donor = max(names, key=lambda d: counts[d])
-                counts[donor] -= 1
-                counts[s] += 1
-    ordered = sorted(keys, key=lambda k: _hash_int("split", seed, k))
-    result: dict[str, str] = {}
-    start = 0
-    for s in names:
-        for key in ordered[start: start + counts[s]]:
-            result[key] = s
-        start += counts[s]
-    return result
 
 
 def synthesize_image(pixels: np.ndarray, texture: TextureMap, rng: np.random.Generator,
@@ -583,16 +551,6 @@ def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = 
                        source_digest=hashlib.md5(listing.encode()).hexdigest(), contact_sheet=sheet)
 
 
-def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    flat: dict[str, float] = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def main(argv: list[str] | None = None) -> int:
     """Synthesise Vista-Bench and record the run in MLflow.
 
@@ -616,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         log_dataset(source.lineage_uri, name=f"bench-source:{cfg.source}", context="source",
                     digest=result.source_digest)
         log_dataset(cfg.out, name="vista-bench", context="output")
-        log_metrics(_flatten(result.metrics))
+        log_metrics(to_flat_dict(result.metrics))
         if result.contact_sheet is not None:
             log_artifact(result.contact_sheet)
         log_artifact(cfg.metrics)

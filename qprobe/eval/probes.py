@@ -21,10 +21,14 @@ where PIQE's "poor" band begins).
 **Repeatability** (:func:`repeatability`). Sampling makes an agent's score a random variable; the
 probe scores each image ``runs`` times with different seeds and reports the standard deviation of
 the scores per image and on average. A deterministic method gives 0.
+
+In ``qprobe evaluate``, :func:`run_probes` picks each probe's images and methods from the config: a
+new probe is its function here, its call there, and its section in the report.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -34,10 +38,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from qprobe.agent.backends import Backend
 from qprobe.agent.crop import CropTool, Geometry
 from qprobe.agent.protocol import Box
+from qprobe.data.manifest import image_path
 from qprobe.errors import QProbeError
-from qprobe.eval.baselines import Scorer
+from qprobe.eval.baselines import AgentScorer, Scorer
+from qprobe.eval.config import MODEL, EvaluateConfig
+from qprobe.eval.scoring import EvalSet, has_defect
+from qprobe.io import IMAGE_EXTENSIONS, load_image
+
+log = logging.getLogger(__name__)
 
 BOKEH_LIST = "bokeh.txt"
 NAN = float("nan")
@@ -161,3 +172,55 @@ def repeatability(scorer: Scorer, images: Sequence[Named], runs: int = 3, seed: 
         "mean_std": _mean(stds),
         "max_std": float(max(stds)) if stds else NAN,
     }, rows=rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The probes of an evaluation
+
+
+def _bokeh_photos(cfg: EvaluateConfig) -> list[tuple[str, Path]]:
+    if cfg.bokeh_dir is None:
+        return []
+    folder = Path(cfg.bokeh_dir)
+    if not folder.is_dir():
+        log.warning("bokeh probe skipped: %s is not a folder", folder)
+        return []
+    names = bokeh_list(cfg.bokeh_list)
+    missing = [n for n in names
+               if not (folder / n).is_file() or (folder / n).suffix.lower() not in IMAGE_EXTENSIONS]
+    if missing:
+        log.warning("bokeh probe: %d listed photos not in %s (%s)", len(missing), folder, ", ".join(missing[:5]))
+    found = [(n, folder / n) for n in names if n not in missing]
+    return found[: cfg.bokeh_limit] if cfg.bokeh_limit is not None else found
+
+
+def run_probes(sets: Sequence[EvalSet], scorers: dict[str, Scorer], backend: Backend,
+               cfg: EvaluateConfig) -> dict[str, dict[str, ProbeResult]]:
+    """Cropping bias, bokeh and repeatability, each for the methods it is meaningful for."""
+    results: dict[str, dict[str, ProbeResult]] = {}
+
+    def load(named: Sequence[tuple[str, Path]]) -> list[tuple[str, Any]]:
+        return [(name, load_image(path, max_pixels=cfg.max_image_pixels)) for name, path in named]
+
+    pristine = [(f"{s.name}/{r['id']}", image_path(s.manifest, str(r["image"])))
+                for s in sets for _, r in s.rows.iterrows() if has_defect(r) is False]
+    if cfg.crop_bias_images and pristine:
+        images = load(pristine[: cfg.crop_bias_images])
+        results["crop_bias"] = {
+            name: crop_bias(scorer, images, cfg.crop_bias_crops, cfg.global_max_pixels, cfg.crop_max_pixels,
+                                   seed=cfg.seed)
+            for name, scorer in scorers.items()}
+    elif cfg.crop_bias_images:
+        log.warning("cropping-bias probe skipped: no image marked pristine (has_defect false) in the sets")
+
+    photos = _bokeh_photos(cfg)
+    if photos:
+        images = load(photos)
+        results["bokeh"] = {name: bokeh(scorer, images, seed=cfg.seed) for name, scorer in scorers.items()}
+
+    if cfg.repeat_images:
+        first = [(f"{s.name}/{r['id']}", image_path(s.manifest, str(r["image"])))
+                 for s in sets for _, r in s.rows.iterrows()][: cfg.repeat_images]
+        sampled = AgentScorer(backend, cfg.rollout(temperature=cfg.repeat_temperature), name=MODEL)
+        results["repeat"] = {MODEL: repeatability(sampled, load(first), cfg.repeat_runs, seed=cfg.seed)}
+    return results

@@ -34,7 +34,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,10 @@ from qprobe.data.manifest import image_path, read_manifest
 from qprobe.errors import QProbeError
 from qprobe.io import check_out_vs_in, load_image, write_json_atomic, write_text_atomic
 from qprobe.trajectories import composer
-from qprobe.trajectories.planner import PlannerConfig, plan_crops
+from qprobe.trajectories.config import TrajectoriesConfig
+from qprobe.trajectories.planner import plan_crops
 from qprobe.trajectories.teacher import Teacher
+from qprobe.trajectories.validation import validate_sets
 
 log = logging.getLogger(__name__)
 
@@ -73,41 +75,6 @@ def _sft_features() -> Any:
         "crops": List(List(Value("int64"))), "crop_has_defect": List(Value("bool")),
         "width": Value("int64"), "height": Value("int64"),
     })
-
-
-@dataclass
-class TrajectoriesConfig:
-    bench: str = field(default="data/bench", metadata={"help": "bench folder (holding manifest.parquet)"})
-    out: str = field(default="data/trajectories", metadata={"help": "output folder: stage1/, sft/, rl/"})
-    metrics: str = field(default="metrics/trajectories.json", metadata={"help": "DVC metrics file"})
-    seed: int = field(default=0, metadata={"help": "seed for sampling, planning and phrasing"})
-    train_splits: list[str] = field(default_factory=lambda: ["train"], metadata={
-        "help": "bench splits that may reach training sets (never the test split)"})
-    sft_size: int = field(default=48, metadata={"help": "SFT samples in all (low + high resolution)"})
-    low_high_ratio: float = field(default=2.0, metadata={"help": "low-resolution : high-resolution SFT samples"})
-    ratio_tolerance: float = field(default=0.15, metadata={"help": "allowed relative deviation of that ratio"})
-    rl_size: int = field(default=48, metadata={"help": "Probe-RL prompts (0: every training image once)"})
-    stage1_source: str = field(default="bench", metadata={
-        "help": "'bench' (low-resolution views of the bench's training split) or a manifest path (public IQA set)"})
-    stage1_size: int = field(default=0, metadata={"help": "stage-1 samples (0: every training image once)"})
-    global_max_pixels: int = field(default=50176, metadata={
-        "help": "pixel budget of the global view (smart_resize); the paper's 7B uses 1003520"})
-    crop_max_pixels: int = field(default=50176, metadata={"help": "pixel budget of each crop"})
-    low_res_max_pixels: int = field(default=50176, metadata={
-        "help": "size of a low-resolution sample: the whole photo at this budget is its own global view"})
-    max_crops: int = field(default=3, metadata={"help": "crop budget stated in the prompt"})
-    planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "crop planner (a mapping)"})
-    samples_html: int = field(default=8, metadata={"help": "trajectories drawn in samples.html"})
-    teacher: str | None = field(default=None, metadata={
-        "help": "OpenAI-compatible VLM endpoint that rewrites the reasoning of high-resolution samples"})
-    teacher_tolerance: float = field(default=0.5, metadata={
-        "help": "keep a rewrite only if the teacher's own score is this close to the MOS"})
-
-    def __post_init__(self) -> None:
-        if self.low_high_ratio < 0 or self.sft_size < 1:
-            raise ValueError("need low_high_ratio >= 0 and sft_size >= 1")
-        if "test" in self.train_splits:
-            raise ValueError("train_splits must not contain 'test': no test photo may reach training")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -349,8 +316,6 @@ def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
     stage1 = _stage1(cfg, rows, manifest_path, rng)
 
     out = Path(cfg.out)
-    from qprobe.trajectories.validation import validate_sets
-
     validate_sets(cfg, manifest, sft=pd.DataFrame(sft), rl=pd.DataFrame(rl), stage1=pd.DataFrame(stage1))
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -429,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        description=__doc__)
     check_out_vs_in(cfg.out, cfg.bench, what="--out")
     start = time.perf_counter()
-    with stage_run("trajectories", to_flat_dict(asdict(cfg))):
+    with stage_run("trajectories", to_flat_dict(cfg)):
         log_dataset(cfg.bench, "vista-bench", "input")
         counts = build(cfg)
         counts["seconds"] = round(time.perf_counter() - start, 2)

@@ -13,16 +13,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import great_expectations.expectations as gxe
 import pandas as pd
 
 from qprobe.agent import protocol
+from qprobe.trajectories.config import TrajectoriesConfig
 from qprobe.validation.core import Suite, require
-
-if TYPE_CHECKING:
-    from qprobe.trajectories.build import TrajectoriesConfig
 
 
 def _turns_ok(df: pd.DataFrame) -> Iterable[str]:

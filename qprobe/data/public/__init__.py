@@ -59,7 +59,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -72,6 +71,7 @@ from qprobe.data.public.common import DatasetError, Entry, Release
 from qprobe.data.public.deqa import load_deqa
 from qprobe.data.public.synthetic import load_csiq, load_kadid10k, load_pipal, load_tid2013
 from qprobe.data.public.wild import load_agiqa3k, load_koniq10k, load_livec, load_spaq
+from qprobe.data.splits import assign_splits
 from qprobe.errors import QProbeError
 from qprobe.io import check_out_vs_in, file_md5, image_size
 from qprobe.storage import is_s3_uri
@@ -130,7 +130,7 @@ def import_dataset(name: str, config: ImportConfig) -> tuple[Path, dict[str, int
     release = LOADERS[name](root)
     if not release.entries:
         raise DatasetError(f"{root}: the {name} release lists no images")
-    splits = assign_splits(release.entries, config.seed, config.val_fraction, config.test_fraction)
+    splits = _entry_splits(release.entries, config.seed, config.val_fraction, config.test_fraction)
     records = _records(name, release.entries, splits, out)
     path = write_manifest(records, out / MANIFEST_NAME)
     tally = Counter(splits)
@@ -162,26 +162,19 @@ def _local_root(config: ImportConfig, out: Path) -> Path:
     return cache
 
 
-def assign_splits(entries: Sequence[Entry], seed: int, val_fraction: float, test_fraction: float) -> list[str]:
+def _entry_splits(entries: Sequence[Entry], seed: int, val_fraction: float, test_fraction: float) -> list[str]:
     """One split per entry: the official one where given, else drawn by source from the train part.
 
-    Entries without an official split count as the train part. For each of test and val that no
-    entry has officially, ``*_fraction`` of the train part's sources (seeded shuffle of the sorted
-    sources, at least one source left in train) move there with all their images.
+    Entries without an official split count as the train part. Each of val and test that no entry
+    has officially gets its ``*_fraction`` of the train part's sources, with all their images, by
+    the bench's rule (:func:`qprobe.data.splits.assign_splits`; at least one source stays in train).
     """
     splits = [e.split or "train" for e in entries]
     official = {e.split for e in entries if e.split}
+    drawn = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in official}
     pool = sorted({str(e.source) for e, s in zip(entries, splits, strict=True) if s == "train"})
-    random.Random(seed).shuffle(pool)
-    moved: dict[str, str] = {}
-    start = 0
-    for split, fraction in (("test", test_fraction), ("val", val_fraction)):
-        if split in official:
-            continue
-        take = min(int(len(pool) * fraction + 0.5), max(len(pool) - 1 - start, 0))
-        moved.update((source, split) for source in pool[start:start + take])
-        start += take
-    result = [moved.get(str(e.source), s) if s == "train" else s for e, s in zip(entries, splits, strict=True)]
+    moved = assign_splits(pool, {"train": 1.0 - sum(drawn.values()), **drawn}, seed)
+    result = [moved[str(e.source)] if s == "train" else s for e, s in zip(entries, splits, strict=True)]
     shared = _sources_in_several_splits(entries, result)
     if shared:
         log.warning("%d sources have images in more than one official split (e.g. %s); kept as published",

@@ -1,0 +1,86 @@
+"""What ``qprobe evaluate`` writes besides the report: the metrics file, tables, plot data, traces.
+
+* the metrics file (``metrics/evaluate.json``, :func:`flat_metrics`): one flat JSON object,
+  ``{"<set>.<method>.<metric>": value}`` and ``{"probes.<probe>.<method>.<metric>": value}``,
+  undefined values as ``null``, so ``dvc metrics diff`` compares two runs key by key;
+* ``predictions.csv`` and the DVC plot data under ``plots/`` (:func:`write_tables`);
+* ``traces.jsonl``, every agent turn (:func:`write_traces`), and ``probes.json``, each probe's
+  summary and per-image rows (:func:`write_probes`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from qprobe.config import to_flat_dict
+from qprobe.eval.probes import ProbeResult
+from qprobe.io import write_json_atomic, write_text_atomic
+
+
+def flat_metrics(nested: dict[str, dict[str, dict]], probe_results: dict[str, dict[str, ProbeResult]],
+                 extra: dict[str, float]) -> dict[str, float | None]:
+    """The metrics file: ``{"set.method.metric": value}``, ``None`` where a value is undefined."""
+    summaries = {probe: {method: result.summary for method, result in methods.items()}
+                 for probe, methods in probe_results.items()}
+    flat = {**to_flat_dict(nested), **to_flat_dict(summaries, prefix="probes."), **extra}
+    return {k: (None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v))
+            for k, v in sorted(flat.items())}
+
+
+def _json_list(values: Any) -> str:
+    return json.dumps(values, separators=(",", ":"))
+
+
+def write_tables(frame: pd.DataFrame, nested: dict[str, dict[str, dict]], curves: pd.DataFrame | None,
+                 methods: Sequence[str], out: Path) -> None:
+    """``predictions.csv`` (long: one row per image and method) and the DVC plot data under ``plots/``.
+
+    Plot data is wide, one series per column, the shape ``dvc plots`` draws without a custom
+    template: ``scatter_<set>.csv`` (``id, mos, has_defect`` and one score column per method; x
+    ``mos``, y the methods), ``groups_<set>.csv`` (``by, group, n`` and ``<method>_srcc`` /
+    ``<method>_mae``) and ``curves_<stage>.csv`` (``step`` and one column per logged metric).
+    """
+    table = frame.copy()
+    for column in ("types", "true_defects", "defects", "crops"):
+        table[column] = table[column].map(_json_list)
+    write_text_atomic(out / "predictions.csv", table.to_csv(index=False))
+    plots = out / "plots"
+    for set_name, results in nested.items():
+        part = frame[frame["set"] == set_name]
+        present = [m for m in methods if m in results]
+        scores = part.pivot(index="id", columns="method", values="score")[present]
+        wide = part.drop_duplicates("id").set_index("id")[["mos", "has_defect"]].join(scores).reset_index()
+        write_text_atomic(plots / f"scatter_{set_name}.csv", wide.to_csv(index=False))
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        for method in present:
+            for key, value in results[method].items():
+                match = re.fullmatch(r"(type|severity)\.(.+)\.(n|srcc|mae)", key)
+                if match:
+                    row = rows.setdefault((match[1], match[2]), {"by": match[1], "group": match[2]})
+                    # No dot in column names: Vega-Lite (dvc plots) reads "a.b" as a nested field.
+                    row["n" if match[3] == "n" else f"{method}_{match[3]}"] = value
+        write_text_atomic(plots / f"groups_{set_name}.csv", pd.DataFrame(list(rows.values())).to_csv(index=False))
+    if curves is not None:
+        for stage, part in curves.groupby("stage", sort=False):
+            wide = part.pivot_table(index="step", columns="metric", values="value", aggfunc="last").reset_index()
+            write_text_atomic(plots / f"curves_{stage}.csv", wide.to_csv(index=False))
+
+
+def write_traces(traces: Sequence[dict[str, Any]], path: Path) -> None:
+    """``traces.jsonl``: one line per image and agent method, its rollout turn by turn."""
+    write_text_atomic(path, "".join(json.dumps(t) + "\n" for t in traces))
+
+
+def write_probes(probe_results: dict[str, dict[str, ProbeResult]], path: Path) -> None:
+    """``probes.json``: ``{probe: {method: {summary, rows}}}``."""
+    rows = {p: {m: asdict(r) for m, r in methods.items()} for p, methods in probe_results.items()}
+    # Undefined numbers (nan) become null: the file stays valid JSON for any reader.
+    write_json_atomic(path, json.loads(json.dumps(rows, default=float), parse_constant=lambda _: None))

@@ -1,0 +1,136 @@
+"""Scoring: the evaluation sets, and every image of them through every method into one table.
+
+:func:`load_sets` reads the manifests of ``--data`` (filtered to ``--split``, sampled down to
+``--limit``); :func:`score_sets` runs each readable image through each scorer
+(:mod:`qprobe.eval.baselines`) and returns the predictions table: one row per image and method,
+with the true defects beside the predicted ones and the agent's cost in ``cost_<key>`` columns.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from qprobe.agent.backends import Backend
+from qprobe.data.manifest import image_path, read_manifest
+from qprobe.errors import QProbeError
+from qprobe.eval.baselines import AgentScorer, PiqeScorer, Prediction, Scorer
+from qprobe.eval.config import MODEL, EvaluateConfig
+from qprobe.io import load_image
+
+log = logging.getLogger(__name__)
+
+COST_KEYS = ("turns", "crops", "global_visual_tokens", "crop_visual_tokens", "visual_tokens", "text_tokens",
+             "generated_tokens", "full_resolution_visual_tokens", "visual_ratio", "seconds")
+
+
+@dataclass
+class EvalSet:
+    """One manifest's rows to evaluate."""
+
+    name: str
+    manifest: Path
+    rows: pd.DataFrame
+
+
+def _set_name(path: Path, taken: set[str]) -> str:
+    folder = path if path.is_dir() else path.parent
+    base = re.sub(r"[^A-Za-z0-9_-]+", "-", folder.name or "data").strip("-") or "data"
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}-{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def load_sets(cfg: EvaluateConfig) -> list[EvalSet]:
+    """The manifests of ``cfg.data``, filtered to ``cfg.split`` and sampled down to ``cfg.limit``."""
+    sets, taken = [], set()
+    for spec in cfg.data:
+        path = Path(spec)
+        frame = read_manifest(path)
+        manifest = Path(frame.attrs["path"])
+        if cfg.split != "all":
+            present = sorted(set(frame["split"].astype(str)))
+            frame = frame[frame["split"] == cfg.split]
+            if frame.empty:
+                raise QProbeError(f"{manifest}: no rows in split {cfg.split!r} (splits present: "
+                                  f"{', '.join(present) or 'none'}); pass --split all to evaluate every row")
+        frame = frame.sort_values("id").reset_index(drop=True)
+        if cfg.limit is not None and len(frame) > cfg.limit:
+            keep = np.random.default_rng(cfg.seed).choice(len(frame), size=cfg.limit, replace=False)
+            frame = frame.iloc[np.sort(keep)].reset_index(drop=True)
+        sets.append(EvalSet(name=_set_name(path, taken), manifest=manifest, rows=frame))
+    return sets
+
+
+def make_scorers(cfg: EvaluateConfig, backend: Backend) -> dict[str, Scorer]:
+    scorers: dict[str, Scorer] = {MODEL: AgentScorer(backend, cfg.rollout(), name=MODEL)}
+    if "no_tool" in cfg.baselines:
+        scorers["no_tool"] = AgentScorer(backend, cfg.rollout(max_crops=0), name="no_tool")
+    if "piqe" in cfg.baselines:
+        scorers["piqe"] = PiqeScorer("global")
+    if "piqe_patch" in cfg.baselines:
+        scorers["piqe_patch"] = PiqeScorer("patch", tile=cfg.piqe_tile, worst=cfg.piqe_worst)
+    return scorers
+
+
+def _true_defects(row: pd.Series) -> list[dict[str, Any]]:
+    defects = row["defects"] if row["defects"] is not None else []
+    return [{"type": str(d["type"]), "severity": int(d["severity"]), "bbox": [int(v) for v in d["bbox"]]}
+            for d in defects]
+
+
+def has_defect(row: pd.Series) -> bool | None:
+    """The row's ``has_defect``; ``None`` where unknown (null, or nan as pandas may read it)."""
+    value = row["has_defect"]
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else bool(value)
+
+
+def _record(eval_set: EvalSet, row: pd.Series, path: Path, method: str, prediction: Prediction) -> dict[str, Any]:
+    true = _true_defects(row)
+    record = {
+        "set": eval_set.name, "id": str(row["id"]), "image": str(path), "method": method,
+        "mos": float(row["mos"]), "has_defect": has_defect(row),
+        "types": sorted({d["type"] for d in true}), "severity": max((d["severity"] for d in true), default=0),
+        "true_defects": true, "score": prediction.score, "raw": prediction.raw, "outcome": prediction.outcome,
+        "failure": prediction.failure, "defects": prediction.defects, "crops": prediction.crops,
+        "error": prediction.error,
+    }
+    record.update({f"cost_{k}": prediction.cost.get(k) for k in COST_KEYS})
+    return record
+
+
+def score_sets(sets: Sequence[EvalSet], scorers: dict[str, Scorer], cfg: EvaluateConfig,
+               traces: list[dict[str, Any]]) -> tuple[pd.DataFrame, Counter]:
+    """Every image of every set through every scorer; unreadable images are counted and skipped."""
+    records: list[dict[str, Any]] = []
+    skipped: Counter = Counter()
+    for eval_set in sets:
+        for _, row in tqdm(eval_set.rows.iterrows(), total=len(eval_set.rows), desc=f"evaluate {eval_set.name}",
+                           unit="img", file=sys.stderr, disable=None):
+            path = image_path(eval_set.manifest, str(row["image"]))
+            try:
+                image = load_image(path, max_pixels=cfg.max_image_pixels)
+            except QProbeError as exc:
+                log.warning("skipped: %s", exc)
+                skipped[eval_set.name] += 1
+                continue
+            for method, scorer in scorers.items():
+                prediction = scorer(image, seed=cfg.seed)
+                records.append(_record(eval_set, row, path, method, prediction))
+                if prediction.trace is not None:
+                    traces.append({"set": eval_set.name, "id": str(row["id"]), "method": method,
+                                   **prediction.trace})
+    return pd.DataFrame.from_records(records), skipped

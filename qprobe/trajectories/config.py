@@ -1,0 +1,48 @@
+"""Parameters of ``qprobe trajectories``: the ``trajectories:`` section of ``params.yaml``.
+
+A module of its own so that the stage (:mod:`qprobe.trajectories.build`) and its gates
+(:mod:`qprobe.trajectories.validation`) both import it without importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qprobe.trajectories.planner import PlannerConfig
+
+
+@dataclass
+class TrajectoriesConfig:
+    """Parameters of ``qprobe trajectories`` (see :mod:`qprobe.trajectories.build` for the three sets)."""
+
+    bench: str = field(default="data/bench", metadata={"help": "bench folder (holding manifest.parquet)"})
+    out: str = field(default="data/trajectories", metadata={"help": "output folder: stage1/, sft/, rl/"})
+    metrics: str = field(default="metrics/trajectories.json", metadata={"help": "DVC metrics file"})
+    seed: int = field(default=0, metadata={"help": "seed for sampling, planning and phrasing"})
+    train_splits: list[str] = field(default_factory=lambda: ["train"], metadata={
+        "help": "bench splits that may reach training sets (never the test split)"})
+    sft_size: int = field(default=48, metadata={"help": "SFT samples in all (low + high resolution)"})
+    low_high_ratio: float = field(default=2.0, metadata={"help": "low-resolution : high-resolution SFT samples"})
+    ratio_tolerance: float = field(default=0.15, metadata={"help": "allowed relative deviation of that ratio"})
+    rl_size: int = field(default=48, metadata={"help": "Probe-RL prompts (0: every training image once)"})
+    stage1_source: str = field(default="bench", metadata={
+        "help": "'bench' (low-resolution views of the bench's training split) or a manifest path (public IQA set)"})
+    stage1_size: int = field(default=0, metadata={"help": "stage-1 samples (0: every training image once)"})
+    global_max_pixels: int = field(default=50176, metadata={
+        "help": "pixel budget of the global view (smart_resize); the paper's 7B uses 1003520"})
+    crop_max_pixels: int = field(default=50176, metadata={"help": "pixel budget of each crop"})
+    low_res_max_pixels: int = field(default=50176, metadata={
+        "help": "size of a low-resolution sample: the whole photo at this budget is its own global view"})
+    max_crops: int = field(default=3, metadata={"help": "crop budget stated in the prompt"})
+    planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "crop planner (a mapping)"})
+    samples_html: int = field(default=8, metadata={"help": "trajectories drawn in samples.html"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "OpenAI-compatible VLM endpoint that rewrites the reasoning of high-resolution samples"})
+    teacher_tolerance: float = field(default=0.5, metadata={
+        "help": "keep a rewrite only if the teacher's own score is this close to the MOS"})
+
+    def __post_init__(self) -> None:
+        if self.low_high_ratio < 0 or self.sft_size < 1:
+            raise ValueError("need low_high_ratio >= 0 and sft_size >= 1")
+        if "test" in self.train_splits:
+            raise ValueError("train_splits must not contain 'test': no test photo may reach training")
