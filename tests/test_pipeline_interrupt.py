@@ -7,6 +7,7 @@ lands mid-stage.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -41,18 +42,14 @@ with stage_run("hold"):
 
 @dataclass
 class Flow:
-    """A running `python -m flows.pipeline --stages hold`, and every process under it once the stage holds."""
+    """A running `python -m flows.pipeline --stages hold`, and the processes under it once the stage holds."""
 
     proc: subprocess.Popen
     root: Path
     tree: list[psutil.Process]
-
-    def server(self) -> psutil.Process:
-        [server] = [p for p in self.tree if "prefect.server.api.server:create_app" in p.cmdline()]
-        return server
-
-    def stage_group(self) -> int:
-        return os.getpgid(next(p for p in self.tree if "hold.py" in " ".join(p.cmdline())).pid)
+    commands: list[str]
+    server: psutil.Process  # Prefect's temporary server
+    stage_group: int
 
 
 @pytest.fixture
@@ -81,8 +78,11 @@ def flow(repo: Path, tmp_path: Path) -> Iterator[Flow]:
         proc.kill()
         out, err = proc.communicate()
         pytest.fail(f"the stage never started (exit {proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}")
-    time.sleep(0.5)  # the worker's pid is written before its run's first sleep: let it settle
-    running = Flow(proc, repo, psutil.Process(proc.pid).children(recursive=True))
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    commands = [" ".join(p.cmdline()) for p in tree]
+    [server] = [p for p, cmd in zip(tree, commands, strict=True) if "prefect.server.api.server:create_app" in cmd]
+    stage = next(p for p, cmd in zip(tree, commands, strict=True) if "hold.py" in cmd)
+    running = Flow(proc, repo, tree, commands, server, os.getpgid(stage.pid))
     yield running
     proc.kill()
     for p in _alive(running.tree):  # what a failed test left behind
@@ -91,7 +91,13 @@ def flow(repo: Path, tmp_path: Path) -> Iterator[Flow]:
 
 
 def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
-    return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    """The processes still running (a zombie has exited; it only waits for its parent to reap it)."""
+    alive = []
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+    return alive
 
 
 def _runs(root: Path) -> dict[str, str]:
@@ -103,9 +109,8 @@ def _runs(root: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_the_stage_marks_runs_killed_and_stops_the_server(flow: Flow, sig: signal.Signals) -> None:
-    names = [" ".join(p.cmdline()) for p in flow.tree]
-    assert any("repro --single-item hold" in n for n in names) and any("time.sleep(600)" in n for n in names)
-    flow.server()
+    assert any("repro --single-item hold" in c for c in flow.commands)
+    assert any("time.sleep(600)" in c for c in flow.commands)  # the stage's worker
     assert _runs(flow.root) == {"pipeline": "RUNNING", "hold": "RUNNING"}
 
     flow.proc.send_signal(sig)
@@ -121,8 +126,8 @@ def test_after_sigkill_the_orphaned_runs_are_swept_failed(flow: Flow, monkeypatc
     flow.proc.kill()
     flow.proc.wait()  # not communicate: the processes it left behind hold its output pipes open
     # Nothing could clean up; say the rest died too (a machine's OOM killer, a node lost).
-    os.killpg(flow.stage_group(), signal.SIGKILL)
-    flow.server().kill()
+    os.killpg(flow.stage_group, signal.SIGKILL)
+    flow.server.kill()
     deadline = time.monotonic() + 30
     while _alive(flow.tree) and time.monotonic() < deadline:
         time.sleep(0.2)
