@@ -6,6 +6,10 @@ it ``dvc status`` is clean. The MLflow parent run carries the profile, the git c
 and every stage's metrics, and each stage's own run nests under it (the parent's id reaches the stage
 through ``QPROBE_PARENT_RUN_ID``), so the MLflow UI compares whole pipeline runs side by side.
 
+SIGINT or SIGTERM stops the running stage's process group, ends the parent run and the stage's run
+KILLED, stops Prefect's temporary server and exits 128 + the signal number. After a SIGKILL nothing
+could do that: the next run marks FAILED the runs its dead predecessor left RUNNING.
+
 Run it::
 
     python -m flows.pipeline                      # all stages, embedded default profile
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,9 +32,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from qprobe.config import repo_root
+from qprobe.config import PARAMS_FILE, load_params, repo_root
 from qprobe.profiles import apply_profile
-from qprobe.tracking import stage_run, tracking_uri
+from qprobe.tracking import fail_orphaned_runs, stage_run, tracking_uri
 from tasks.dvc_stage import StageResult, launch_stage, run_stage, stage_order
 
 # The stages that want accelerators; with a cluster target they run there, the rest run here.
@@ -103,6 +108,7 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
     if profile:
         changed = apply_profile(profile, root_path)
         logger.info("profile %s applied to params.yaml (%d values changed)", profile, changed)
+    load_params(root_path / PARAMS_FILE)  # a misspelt section fails here, before any stage runs
     order = stage_order(root_path)
     unknown = sorted(set(stages or []) - set(order))
     if unknown:
@@ -111,6 +117,7 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
 
     import mlflow
 
+    fail_orphaned_runs(root_path)
     results: list[StageResult] = []
     with stage_run("pipeline", {"stages": ",".join(selected), "profile": profile or "params.yaml",
                                 "force": force},
@@ -134,6 +141,23 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
     return {"run_id": parent_id, "stages": {r.stage: r.ran for r in results}, "metrics": metrics}
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread so every ``with`` and ``finally`` on the way out runs.
+
+    A KeyboardInterrupt, like Ctrl-C's own. While the flow runs, Prefect's SIGTERM handler raises its
+    TerminationSignal instead (the stage is stopped, the runs end KILLED: any interruption does that);
+    once the flow has ended Prefect sends the signal again to the handler it replaced, this one.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,8 +170,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, help="GPUs per training stage on a cluster target")
     args = parser.parse_args(argv)
     options = {k: v for k, v in {"image": args.image, "gpus": args.gpus}.items() if v is not None}
-    result = pipeline(stages=args.stages, profile=args.profile, force=args.force, target=args.target,
-                      launch_options=options)
+    # Python's default SIGTERM ends the process on the spot: no cleanup, and Prefect's temporary
+    # server, which stops at interpreter exit, would outlive it. Exiting through main does it all.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_interrupted)
+    try:
+        result = pipeline(stages=args.stages, profile=args.profile, force=args.force, target=args.target,
+                          launch_options=options)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"python -m flows.pipeline: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     root = repo_root()
     print()
     print(f"Pipeline run {result['run_id']} finished: " +

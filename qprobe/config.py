@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,13 +27,27 @@ from qprobe.errors import QProbeError
 T = TypeVar("T")
 
 PARAMS_FILE = "params.yaml"
+# Every top-level section some stage or flow reads (``parse_config(..., SECTION)``, flows/retrain.py).
+# Anything else in a parameter file is a misspelling that would silently run built-in defaults.
+SECTIONS = ("bench", "model", "trajectories", "score", "evaluate", "stage1", "stage2", "stage3", "retrain",
+            "data_import")
 
 
 class ConfigError(QProbeError, ValueError):
     """A parameter file or flag that does not fit its dataclass."""
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+def check_sections(data: Mapping[str, Any], path: str | Path, known: Collection[str] = SECTIONS) -> None:
+    """A top-level key outside ``known`` is :class:`ConfigError` naming the closest known section."""
+    for name in data:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"expected one of: {', '.join(sorted(known))}"
+            raise ConfigError(f"{path}: unknown section {name!r} ({hint})")
+
+
+def load_params(path: str | Path = PARAMS_FILE, known: Collection[str] = SECTIONS) -> dict[str, Any]:
+    """The sections of a parameter file; a section outside ``known`` is an error (see :func:`check_sections`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: parameter file not found (run from the repository root or pass --params)")
@@ -42,6 +57,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    check_sections(data, path, known)
     return data
 
 
@@ -187,7 +203,8 @@ def parse_config(
     base: dict[str, Any] = {}
     explicit = args.params != PARAMS_FILE
     if section is not None and (params_path.is_file() or explicit):
-        params = load_params(params_path)
+        # The section asked for is read by definition, even one outside SECTIONS.
+        params = load_params(params_path, {*SECTIONS, section})
         base = params.get(section) or {}
         if not isinstance(base, dict):
             raise ConfigError(f"{params_path}: section {section!r} must be a mapping")

@@ -18,7 +18,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
-from qprobe.config import ConfigError, repo_root
+from qprobe.config import ConfigError, check_sections, repo_root
 from qprobe.io import atomic_path
 
 
@@ -61,6 +61,7 @@ def apply_profile(name: str, root: str | Path | None = None) -> int:
     overlay = YAML().load(profile.read_text()) or {}
     if not isinstance(overlay, dict):
         raise ConfigError(f"{profile}: expected a mapping of sections")
+    check_sections(overlay, profile)
     return update_params(overlay, root, name)
 
 

@@ -8,6 +8,11 @@ puts its parent run id in ``QPROBE_PARENT_RUN_ID`` and the stage's run nests und
 Each stage run records: its params, the git commit, the stage name, its datasets as MLflow inputs
 whose digest is the content hash of the file or folder (the same md5 DVC tracks for a file), metrics
 and small artifacts.
+
+A run also records who owns it (host, PID, the PID's start time, repository root), so that a run left
+RUNNING by a process that died without ending it (SIGKILL, a crash) can be proved orphaned and marked
+FAILED (:func:`fail_orphaned_runs`). A run cut short from outside (Ctrl-C, a termination signal) ends
+KILLED, with the nested runs whose processes died with it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 import warnings
 from collections.abc import Iterator, Mapping
@@ -24,6 +30,7 @@ from typing import Any
 from qprobe import offline
 from qprobe.config import repo_root
 from qprobe.io import content_hash
+from qprobe.procs import is_running, proc_start
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +38,11 @@ EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "qprobe"
 PARENT_ENV = "QPROBE_PARENT_RUN_ID"
 MODEL_NAME = "qprobe"
+# Who owns a run: the process that started it, and the repository it ran in.
+HOST_TAG = "qprobe.host"
+PID_TAG = "qprobe.pid"
+PID_START_TAG = "qprobe.pid_start"
+ROOT_TAG = "qprobe.root"
 # Never sent to MLflow as params or tags, whatever a config holds.
 _SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential")
 
@@ -75,11 +87,14 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None,
               tags: Mapping[str, str] | None = None, root: str | Path | None = None) -> Iterator[Any]:
     """Start the MLflow run of ``stage`` (nested under ``$QPROBE_PARENT_RUN_ID`` when set); yield it.
 
-    ``root`` picks the default store ``ROOT/mlflow.db`` when ``MLFLOW_TRACKING_URI`` is unset.
+    ``root`` picks the default store ``ROOT/mlflow.db`` when ``MLFLOW_TRACKING_URI`` is unset. An
+    exception ends the run FAILED (MLflow's way); an interruption (a BaseException that is neither an
+    Exception nor an exit: KeyboardInterrupt, an orchestrator's termination signal) ends it KILLED,
+    and its nested runs still RUNNING whose processes are gone with it.
     """
     mlflow = _configure(root)
     parent = os.environ.get(PARENT_ENV) or None
-    all_tags = {"qprobe.stage": stage, **(tags or {})}
+    all_tags = {"qprobe.stage": stage, **_owner_tags(root), **(tags or {})}
     commit = git_commit()
     if commit:
         all_tags["mlflow.source.git.commit"] = commit
@@ -87,9 +102,81 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None,
     if active is not None and parent is None:
         parent = active.info.run_id
     with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=active is not None, tags=all_tags) as run:
-        if params:
-            mlflow.log_params({k: _param_value(v) for k, v in _public(params).items()})
-        yield run
+        try:
+            if params:
+                mlflow.log_params({k: _param_value(v) for k, v in _public(params).items()})
+            yield run
+        except BaseException as exc:
+            if not isinstance(exc, Exception | SystemExit | GeneratorExit):
+                _end_orphaned_children(run.info.run_id, "KILLED")
+                mlflow.end_run("KILLED")
+            raise
+
+
+def _owner_tags(root: str | Path | None) -> dict[str, str]:
+    pid = os.getpid()
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(pid),
+            ROOT_TAG: str((Path(root) if root else repo_root()).resolve())}
+    start = proc_start(pid)
+    if start is not None:
+        tags[PID_START_TAG] = str(start)
+    return tags
+
+
+def _owner_gone(run: Any) -> bool:
+    """The run's owner tags prove its process is gone: this host, and no live process with its PID and start.
+
+    A run of another host, of a live process or without the tags (older runs) is never called gone.
+    """
+    tags = run.data.tags
+    pid = tags.get(PID_TAG, "")
+    if tags.get(HOST_TAG) != socket.gethostname() or not pid.isdigit():
+        return False
+    start = tags.get(PID_START_TAG)
+    # A live process with another start time holds a reused PID: the run's own process is gone.
+    return not is_running(int(pid)) or (start is not None and str(proc_start(int(pid))) != start)
+
+
+def _running_runs(filter_string: str) -> list[Any]:
+    import mlflow
+
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"attributes.status = 'RUNNING' and {filter_string}")
+
+
+def _end_orphaned_children(run_id: str, status: str) -> None:
+    """End with ``status`` the RUNNING descendants of ``run_id`` whose processes are gone."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    pending = [run_id]
+    while pending:
+        for child in _running_runs(f"tags.mlflow.parentRunId = '{pending.pop()}'"):
+            pending.append(child.info.run_id)
+            if _owner_gone(child):
+                client.set_terminated(child.info.run_id, status)
+
+
+def fail_orphaned_runs(root: str | Path | None = None) -> list[str]:
+    """Mark FAILED the RUNNING runs of this repository whose process is gone; return their ids.
+
+    A SIGKILL or a crash leaves its run RUNNING for ever; the pipeline calls this when it starts. Only
+    runs started on this host in this repository (``root``, default the current one) count, and only
+    when their PID no longer runs the process that started them (see :func:`_owner_gone`). Says so in
+    one warning line when it marks any.
+    """
+    mlflow = _configure(root)
+    here = _owner_tags(root)
+    orphans = [run for run in _running_runs(f"tags.`{HOST_TAG}` = '{here[HOST_TAG]}'")
+               if run.data.tags.get(ROOT_TAG) == here[ROOT_TAG] and _owner_gone(run)]
+    client = mlflow.MlflowClient()
+    for run in orphans:
+        client.set_terminated(run.info.run_id, "FAILED")
+    if orphans:
+        log.warning("marked %d MLflow run(s) FAILED, left RUNNING by a process that is gone (killed or crashed): %s",
+                    len(orphans), ", ".join(f"{run.info.run_name} {run.info.run_id} (pid {run.data.tags[PID_TAG]})"
+                                            for run in orphans))
+    return [run.info.run_id for run in orphans]
 
 
 def _param_value(value: Any) -> str:

@@ -4,10 +4,14 @@ A Prefect run and a plain ``dvc repro`` execute the very same command, ``dvc rep
 STAGE``, in the same workspace, so they share one cache: after a flow run ``dvc status`` is clean and
 ``dvc repro`` is a no-op. DVC holds a lock on the workspace, so stages run one after the other;
 parallelism belongs inside a stage.
+
+DVC runs in a process group of its own, with the stage it starts and whatever that spawns: when the
+flow is interrupted (or a timeout expires) the whole group is stopped, not only DVC.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -20,7 +24,13 @@ import yaml
 from prefect import get_run_logger, task
 
 from qprobe import offline
+from qprobe.procs import stop_group
 from qprobe.tracking import PARENT_ENV
+
+log = logging.getLogger(__name__)
+
+# Seconds a stopped stage has between SIGTERM and SIGKILL.
+STOP_GRACE_S = 10.0
 
 
 class StageError(RuntimeError):
@@ -75,11 +85,24 @@ def stage_env(parent_run_id: str | None = None, extra: dict[str, str] | None = N
 
 def dvc(args: list[str], root: str | Path, env: dict[str, str] | None = None,
         timeout: float | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the DVC that lives beside this interpreter (the project's pinned one)."""
+    """Run the DVC that lives beside this interpreter (the project's pinned one), in a new process group.
+
+    Whatever ends the wait early (an interruption, ``timeout``) stops the whole group before it propagates.
+    """
     exe = Path(sys.executable).parent / "dvc"
     cmd = [str(exe) if exe.exists() else "dvc", *args]
-    return subprocess.run(cmd, cwd=root, env=env or stage_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    # A session of its own: the group can be stopped as one, and a terminal's Ctrl-C reaches the flow
+    # alone, which then stops the group rather than leaving DVC and the stage to race it.
+    with subprocess.Popen(cmd, cwd=root, env=env or stage_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except BaseException:
+            left = stop_group(proc.pid, STOP_GRACE_S, proc)
+            if left:
+                log.warning("dvc %s: processes %s survived SIGKILL", " ".join(args), left)
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def repro_stage(stage: str, root: str | Path, parent_run_id: str | None = None,

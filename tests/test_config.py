@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qprobe.cli import main as cli_main
-from qprobe.config import ConfigError, from_dict, parse_config
+from qprobe.config import SECTIONS, ConfigError, from_dict, load_params, parse_config
 from qprobe.profiles import apply_profile
 
 
@@ -60,6 +60,40 @@ def test_bad_params_name_file_and_field(tmp_path: Path, text: str, message: str)
         parse_config(Demo, "demo", ["--params", str(params)])
     assert message in str(info.value)
     assert str(params) in str(info.value)
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "configs/paper.yaml"])
+def test_committed_parameter_files_hold_only_known_sections(path: str) -> None:
+    assert set(load_params(path)) <= set(SECTIONS)
+
+
+def test_every_dvc_stage_reads_a_known_section() -> None:
+    import yaml
+
+    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    read = {section for stage in stages.values() for section in stage.get("params", [])}
+    assert read and read <= set(SECTIONS)
+
+
+def test_misspelt_section_names_the_file_and_the_closest_section(tmp_path: Path) -> None:
+    params = _params(tmp_path, "bnech:\n  seed: 1\nstage1: {}\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(params)
+    assert str(info.value) == f"{params}: unknown section 'bnech' (did you mean 'bench'?)"
+    # A stage reading another section still refuses the file: its typo would run defaults elsewhere.
+    with pytest.raises(ConfigError, match="unknown section 'bnech'"):
+        parse_config(Demo, "stage1", ["--params", str(params)])
+    with pytest.raises(ConfigError, match=r"unknown section 'zzz' \(expected one of: bench, "):
+        load_params(_params(tmp_path, "zzz: {}\n"))
+
+
+def test_misspelt_section_in_a_profile_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "params.yaml").write_text("bench:\n  seed: 0\n")
+    (tmp_path / "configs" / "typo.yaml").write_text("trajectoires:\n  sft_size: 9\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown section 'trajectoires' \(did you mean 'trajectories'"):
+        apply_profile("typo", tmp_path)
+    assert (tmp_path / "params.yaml").read_text() == "bench:\n  seed: 0\n"
 
 
 def test_bad_flag_names_the_flag(tmp_path: Path) -> None:

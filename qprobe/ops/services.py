@@ -34,7 +34,6 @@ import os
 import random
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from qprobe import offline
 from qprobe.config import ConfigError, build_parser, parse_config
 from qprobe.errors import QProbeError
 from qprobe.io import write_json_atomic, write_text_atomic
+from qprobe.procs import group_members, is_running, proc_start, stop_group
 
 ROLES = ("s3", "mlflow", "prefect")
 HOST = "127.0.0.1"
@@ -139,16 +139,16 @@ class Service:
         child = _CHILDREN.get(self.pid)
         if child is not None and child.poll() is not None:
             return False
-        return _is_running(self.pid) and (self.proc_start is None or _proc_start(self.pid) == self.proc_start)
+        return is_running(self.pid) and (self.proc_start is None or proc_start(self.pid) == self.proc_start)
 
     def healthy(self) -> bool:
         return self.alive() and _PROBES[self.role](self.url)
 
     def pids(self) -> list[int]:
         """Every live process of the service's process group (the server and the workers it forked)."""
-        if _is_running(self.pid) and not self.alive():
+        if is_running(self.pid) and not self.alive():
             return []  # the PID was reused by an unrelated process: nothing of ours is left
-        return _group_members(self.pid)
+        return group_members(self.pid)
 
     def memory_mb(self) -> float:
         """Resident memory of the whole process group, in MiB."""
@@ -160,35 +160,6 @@ _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
 # --- /proc bookkeeping -------------------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of ``/proc/PID/stat`` after the command name: [state, ppid, pgrp, ...]."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2:].split()
-
-
-def _is_running(pid: int) -> bool:
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
-def _proc_start(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields else None
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat_fields(int(entry.name))
-            if fields and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                members.append(int(entry.name))
-    return sorted(members)
 
 
 def _rss_kib(pid: int) -> int:
@@ -452,31 +423,13 @@ def _spawn(cfg: ServicesConfig, role: str) -> Service:
                                 cwd=cfg.root, env=env, start_new_session=True)
     _CHILDREN[proc.pid] = proc
     return Service(role=role, pid=proc.pid, port=port, url=cfg.url(role), log=str(log_path),
-                   started_at=time.time(), proc_start=_proc_start(proc.pid), internal_ports=internal)
+                   started_at=time.time(), proc_start=proc_start(proc.pid), internal_ports=internal)
 
 
 def _stop(service: Service, grace: float = _STOP_GRACE_S) -> None:
     """SIGTERM the service's process group, SIGKILL what is left after ``grace`` seconds, reap."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        members = service.pids()
-        if not members:
-            break
-        try:
-            os.killpg(service.pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            child = _CHILDREN.get(service.pid)
-            if child is not None:
-                child.poll()
-            if not service.pids():
-                break
-            time.sleep(0.1)
-    child = _CHILDREN.pop(service.pid, None)
-    if child is not None:
-        child.poll()
-    left = service.pids()
+    left = stop_group(service.pid, grace, _CHILDREN.get(service.pid)) if service.pids() else []
+    _CHILDREN.pop(service.pid, None)
     if left:
         raise ServiceError(f"{service.role}: processes {left} survived SIGKILL")
     if service.role == "s3":

@@ -1,0 +1,102 @@
+"""MLflow run ownership: a run records its process, an interrupted run ends KILLED, orphans are swept FAILED."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from qprobe.tracking import PARENT_ENV, PID_TAG, fail_orphaned_runs, stage_run
+
+REPO = Path(__file__).resolve().parents[1]
+# Opens a stage run (nested under $QPROBE_PARENT_RUN_ID when set), prints its id, then waits to be killed.
+_HOLDER = ("import sys, time\nfrom qprobe.tracking import stage_run\n"
+           "with stage_run('held', root=sys.argv[1]) as run:\n    print(run.info.run_id, flush=True)\n"
+           "    time.sleep(600)\n")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A repository root whose own store ``ROOT/mlflow.db`` every run of the test uses."""
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    return tmp_path
+
+
+@pytest.fixture
+def holders(root: Path) -> Iterator[list[subprocess.Popen]]:
+    """Processes started by :func:`_hold`; whatever a test leaves alive is killed at the end."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def _hold(root: Path, procs: list[subprocess.Popen], parent: str | None = None) -> tuple[subprocess.Popen, str]:
+    """A real process holding a RUNNING stage run; returns it and the run id."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **({PARENT_ENV: parent} if parent else {})}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(root)], env=env, stdout=subprocess.PIPE, text=True)
+    procs.append(proc)
+    run_id = proc.stdout.readline().strip()
+    assert run_id, "the holder exited before starting its run"
+    return proc, run_id
+
+
+def _kill9(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _status(run_id: str) -> str:
+    return mlflow.get_run(run_id).info.status
+
+
+def test_a_run_records_its_owner(root: Path) -> None:
+    with stage_run("demo", root=root) as run:
+        tags = mlflow.get_run(run.info.run_id).data.tags
+    assert tags["qprobe.host"] == socket.gethostname() and tags[PID_TAG] == str(os.getpid())
+    assert tags["qprobe.root"] == str(root.resolve()) and tags["qprobe.pid_start"].isdigit()
+
+
+def test_interrupted_run_and_its_dead_children_end_killed(root: Path, holders: list[subprocess.Popen]) -> None:
+    with pytest.raises(KeyboardInterrupt), stage_run("parent", root=root) as parent:
+        dead, dead_id = _hold(root, holders, parent.info.run_id)
+        _, live_id = _hold(root, holders, parent.info.run_id)
+        _kill9(dead)
+        raise KeyboardInterrupt
+    assert _status(parent.info.run_id) == "KILLED"
+    assert _status(dead_id) == "KILLED"
+    assert _status(live_id) == "RUNNING"  # its process still runs: it ends its run itself
+
+
+def test_failed_run_stays_failed(root: Path) -> None:
+    with pytest.raises(ValueError), stage_run("broken", root=root) as run:
+        raise ValueError("boom")
+    assert _status(run.info.run_id) == "FAILED"
+
+
+def test_orphaned_runs_are_marked_failed_and_only_they(root: Path, holders: list[subprocess.Popen],
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    dead, dead_id = _hold(root, holders)
+    _, live_id = _hold(root, holders)
+    _kill9(dead)
+    # Another host's run with the dead PID: this host cannot tell whether its process lives.
+    with stage_run("elsewhere", root=root) as remote:
+        client = mlflow.MlflowClient()
+        client.set_tag(remote.info.run_id, "qprobe.host", "another-host")
+        client.set_tag(remote.info.run_id, PID_TAG, str(dead.pid))
+        with caplog.at_level(logging.WARNING, logger="qprobe.tracking"):
+            assert fail_orphaned_runs(root) == [dead_id]
+        assert _status(remote.info.run_id) == "RUNNING"
+    assert _status(dead_id) == "FAILED" and _status(live_id) == "RUNNING"
+    [line] = [r.getMessage() for r in caplog.records if r.name == "qprobe.tracking"]
+    assert "1 MLflow run(s) FAILED" in line and dead_id in line and f"pid {dead.pid}" in line
+    assert fail_orphaned_runs(root) == []  # already swept: nothing to say
