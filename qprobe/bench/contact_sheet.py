@@ -13,20 +13,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from qprobe.defects import colour
 from qprobe.io import save_image_atomic
 
 TILE = 320  # thumbnail box, pixels
 CAPTION = 18  # caption strip under each thumbnail
 PAD = 6
-COLOURS = {
-    "blur": (0, 170, 255),
-    "noise": (255, 215, 0),
-    "ringing": (255, 80, 200),
-    "jpeg": (255, 60, 60),
-    "pixelation": (60, 230, 90),
-    "banding": (255, 140, 0),
-}
-FALLBACK = (255, 255, 255)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -77,9 +69,9 @@ def make_contact_sheet(records: Sequence[dict[str, Any]], root: str | Path, path
         scale = thumb.width / record["width"]
         for defect in record["defects"] or []:
             x1, y1, x2, y2 = (v * scale for v in defect["bbox"])
-            colour = COLOURS.get(defect["type"], FALLBACK)
-            draw.rectangle((x0 + x1, y0 + y1, x0 + x2, y0 + y2), outline=colour, width=2)
-            _label(draw, (x0 + x1 + 3, y0 + y1 + 2), f"{defect['type']} {defect['severity']}", colour, small)
+            rgb = colour(defect["type"])
+            draw.rectangle((x0 + x1, y0 + y1, x0 + x2, y0 + y2), outline=rgb, width=2)
+            _label(draw, (x0 + x1 + 3, y0 + y1 + 2), f"{defect['type']} {defect['severity']}", rgb, small)
         caption = f"{record['id']}  MOS {record['mos']:.2f}" + ("" if record["defects"] else "  pristine")
         draw.text((x0, y0 + thumb.height + 2), caption, fill=(230, 230, 230), font=font)
     save_image_atomic(sheet, path, quality=88)
