@@ -8,15 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from qprobe import defects
 from qprobe.agent import protocol
 from qprobe.bench import degradations
+from qprobe.bench.contact_sheet import make_contact_sheet
 from qprobe.bench.synthesize import BenchConfig, synthesize
 from qprobe.defects import DefectType
 from qprobe.trajectories import composer
 
-FOG = DefectType("fog", visibility=0.6, colour=(10, 20, 30), looks=("a milky veil over the detail",),
+FOG = DefectType("fog", visibility=0.6, colour=(200, 0, 200), looks=("a milky veil over the detail",),
                  confound="haze in the scene, but it stops at a sharp line while the distance does not change")
 FOG_ANSWER = protocol.render_turn("hazy", protocol.render_answer(2.5, [protocol.Defect((1, 1, 9, 9), "fog")]))
 
@@ -51,6 +53,16 @@ def test_a_registered_type_reaches_the_prompt_the_format_check_the_phrasing_and_
     low = composer.low_res_impression(2.5, [("fog", 5, (10, 10, 60, 60))], 400, 300, random.Random(0))
     assert f"severe fog at the upper left: {FOG.looks[0]}." in low
     assert defects.colour("fog") == FOG.colour
+
+
+def test_the_contact_sheet_draws_a_registered_type_in_its_colour(fog, tmp_path: Path) -> None:
+    Image.new("RGB", (400, 300), (128, 128, 128)).save(tmp_path / "flat.png")
+    record = {"id": "flat", "image": "flat.png", "width": 400, "height": 300, "mos": 3.0,
+              "defects": [{"type": "fog", "severity": 2, "bbox": [40, 100, 360, 280]}]}
+    sheet = np.asarray(Image.open(make_contact_sheet([record], tmp_path, tmp_path / "sheet.jpg")), dtype=float)
+    edge = sheet[6 + 223: 6 + 225, 6 + 40: 6 + 280].mean(axis=(0, 1))  # bottom edge (y 224 at 0.8 scale), 2 px
+    nearest = min(defects.TYPES.values(), key=lambda t: np.abs(edge - t.colour).sum())
+    assert nearest is FOG, edge
 
 
 def test_a_registered_type_with_its_degradation_is_synthesised_and_scored(fog, tmp_path: Path, tiny_photos) -> None:

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
 
+from qprobe.draw import CROP, PREDICTION, TRUTH, Mark, draw_marks, fit
 from qprobe.errors import QProbeError
 from qprobe.eval.metrics import HEADLINE, fit_logistic
 from qprobe.eval.probes import ProbeResult
@@ -35,9 +35,6 @@ from qprobe.io import load_image, write_bytes_atomic, write_text_atomic
 log = logging.getLogger(__name__)
 
 THUMB_SIDE = 400
-TRUE_COLOUR = (40, 200, 80)
-PRED_COLOUR = (240, 40, 40)
-CROP_COLOUR = (0, 200, 255)
 GALLERY_METHODS = ("qprobe", "piqe_patch")
 LABELS = {"qprobe": "Q-Probe", "no_tool": "same model, tool disabled", "piqe": "PIQE (global)",
           "piqe_patch": "PIQE (worst tiles)"}
@@ -363,22 +360,10 @@ def _thumbnail(row: pd.Series) -> str:
     except QProbeError as exc:
         log.warning("gallery: %s", exc)
         return ""
-    scale = min(1.0, THUMB_SIDE / max(image.size))
-    thumb = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                         Image.Resampling.LANCZOS)
-    draw = ImageDraw.Draw(thumb)
-
-    def box(values: Sequence[float]) -> list[float]:
-        return [v * scale for v in values]
-
-    for crop in row["crops"]:
-        draw.rectangle(box(crop), outline=CROP_COLOUR, width=2)
-    for defect in row["true_defects"]:
-        draw.rectangle(box(defect["bbox"]), outline=TRUE_COLOUR, width=2)
-    for defect in row["defects"]:
-        corner = box(defect["bbox"])
-        draw.rectangle(corner, outline=PRED_COLOUR, width=2)
-        draw.text((corner[0] + 3, corner[1] + 2), defect["type"], fill=PRED_COLOUR)
+    thumb, scale = fit(image, THUMB_SIDE)
+    draw_marks(thumb, [*(Mark(crop, CROP) for crop in row["crops"]),
+                       *(Mark(d["bbox"], TRUTH) for d in row["true_defects"]),
+                       *(Mark(d["bbox"], PREDICTION, d["type"]) for d in row["defects"])], scale=scale)
     buffer = io.BytesIO()
     thumb.save(buffer, format="JPEG", quality=85)
     encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
