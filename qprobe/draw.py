@@ -37,6 +37,11 @@ class Mark:
     label: str = ""  # written inside the box's top-left corner, on black
 
 
+def css_colour(colour: RGB) -> str:
+    """``colour`` as CSS writes it, for a page's legend of the boxes drawn on its images."""
+    return "#{:02x}{:02x}{:02x}".format(*colour)
+
+
 def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """Pillow's default font at ``size`` pixels (its fixed bitmap font where Pillow lacks FreeType)."""
     try:

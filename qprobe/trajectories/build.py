@@ -26,7 +26,6 @@ Run it::
 from __future__ import annotations
 
 import base64
-import html
 import io
 import logging
 import math
@@ -48,9 +47,10 @@ from qprobe.agent.crop import CropTool, global_view
 from qprobe.bench.texture import TextureMap, texture_map
 from qprobe.config import parse_config, to_flat_dict
 from qprobe.data.manifest import image_path, read_manifest
-from qprobe.draw import CROP, TRUTH, Mark, draw_marks, fit
+from qprobe.draw import CROP, TRUTH, Mark, css_colour, draw_marks, fit
 from qprobe.errors import QProbeError
 from qprobe.io import check_out_vs_in, load_image, write_json_atomic, write_text_atomic
+from qprobe.pages import render_page
 from qprobe.trajectories import composer
 from qprobe.trajectories.planner import PlannerConfig, plan_crops
 from qprobe.trajectories.teacher import Teacher
@@ -391,17 +391,14 @@ def _thumb(image: Image.Image, marks: Sequence[Mark] = (), scale: float = 1.0, s
 
 
 def samples_html(sft: list[dict[str, Any]], n: int) -> str:
-    """A self-contained page of sample trajectories: images with crop boxes beside the text."""
+    """A self-contained page of sample trajectories (``templates/samples.html.jinja``): images with the
+    crop and true defect boxes beside each turn's text."""
     high = [s for s in sft if s["kind"] == "high"][: max(1, n - 1)]
     low = [s for s in sft if s["kind"] == "low"][:1]
-    parts = ["<!doctype html><meta charset='utf-8'><title>Probe-CoT samples</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
-             ".turn{display:flex;gap:12px;margin:6px 0}.role{width:80px;font-weight:bold}"
-             "pre{white-space:pre-wrap;margin:0}img{border:1px solid #ccc}</style>",
-             "<h1>Probe-CoT sample trajectories</h1><p>Cyan: crops; green: true defects.</p>"]
+    samples = []
     for s in high + low:
-        parts.append(f"<h2>{html.escape(s['id'])} ({s['kind']} resolution, MOS {s['mos']:.2f})</h2>")
         images = iter(sample_images(s))
+        turns = []
         for m in s["messages"]:
             cells = []
             for block in m["content"]:
@@ -411,12 +408,15 @@ def samples_html(sft: list[dict[str, Any]], n: int) -> str:
                     if m["role"] == "user" and s["kind"] == "high":
                         marks = [*(Mark(c, CROP) for c in s["crops"]),
                                  *(Mark(d, TRUTH) for d in s["defects"])]
-                    cells.append(f"<img src='{_thumb(img, marks, scale=img.size[0] / s['width'])}'>")
+                    cells.append({"image": _thumb(img, marks, scale=img.size[0] / s["width"])})
                 elif m["role"] != "system":
-                    cells.append(f"<pre>{html.escape(block['text'] or '')}</pre>")
+                    cells.append({"text": block["text"] or ""})
             if cells:
-                parts.append(f"<div class='turn'><div class='role'>{m['role']}</div><div>{''.join(cells)}</div></div>")
-    return "\n".join(parts)
+                turns.append({"role": m["role"], "cells": cells})
+        samples.append({"id": s["id"], "kind": s["kind"], "mos": s["mos"], "turns": turns})
+    legend = [(css_colour(CROP), "crops"), (css_colour(TRUTH), "true defects (global-view pixels)")]
+    return render_page("samples.html.jinja", title="Probe-CoT sample trajectories", legend=legend,
+                       samples=samples)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
