@@ -271,7 +271,9 @@ def test_a_source_with_no_usable_photo_writes_nothing(tmp_path, awkward_images):
 
 def test_bad_parameters_are_one_line_errors(capsys):
     assert cli.main(["bench", "--types", "[blur, sparkle]"]) == 2
-    assert "unknown: ['sparkle']" in capsys.readouterr().err
+    assert "bench: types: unknown defect type 'sparkle' (known: blur, noise," in capsys.readouterr().err
+    assert cli.main(["bench", "--types", "[]"]) == 2
+    assert "bench: types: expected at least one defect type" in capsys.readouterr().err
     assert cli.main(["bench", "--splits", "{train: 0.5, test: 0.2}"]) == 2
     assert "summing to 1" in capsys.readouterr().err
 

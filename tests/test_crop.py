@@ -174,7 +174,7 @@ def test_fits_trl_environment_factory(tmp_path) -> None:
     assert blocks[0]["image"].size == (112, 112)  # 320x320 original pixels at the 112x112 budget
     tool.reset(**row)
     assert tool.calls == []
-    assert "crop" in protocol.SYSTEM_PROMPT
+    assert "crop" in protocol.system_prompt()
 
 
 def test_reset_without_an_original_is_a_clear_error() -> None:

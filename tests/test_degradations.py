@@ -9,6 +9,7 @@ import pytest
 from skimage import data
 
 from qprobe.bench.degradations import DEGRADATIONS, SEVERITIES, feather_mask, inject
+from qprobe.defects import TYPES
 
 BOX = (70, 60, 230, 190)
 
@@ -24,10 +25,11 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def test_registry_has_the_six_paper_types_with_visibility_weights():
-    assert {"blur", "noise", "jpeg", "ringing", "pixelation", "banding"} <= set(DEGRADATIONS)
-    for name, entry in DEGRADATIONS.items():
-        assert entry.name == name and callable(entry.fn) and entry.description
+def test_registry_has_the_six_paper_types_each_with_a_degradation_and_a_visibility_weight():
+    assert {"blur", "noise", "jpeg", "ringing", "pixelation", "banding"} <= set(TYPES)
+    assert set(DEGRADATIONS) == set(TYPES)  # a registered type without pixels, or pixels without a type
+    for name, entry in TYPES.items():
+        assert entry.name == name and callable(DEGRADATIONS[name])
         assert 0.0 < entry.visibility <= 1.0
 
 

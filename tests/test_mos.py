@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qprobe.bench.degradations import DEGRADATIONS
 from qprobe.bench.mos import MOS_MAX, DefectEvidence, impairment, mos
+from qprobe.defects import TYPES
 
-visibility = st.sampled_from(sorted({d.visibility for d in DEGRADATIONS.values()}))
+visibility = st.sampled_from(sorted({t.visibility for t in TYPES.values()}))
 severity = st.integers(1, 5)
 area = st.floats(0.0, 1.0)
 texture = st.floats(0.0, 1.0)

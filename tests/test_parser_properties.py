@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from qprobe.agent import protocol
 from qprobe.agent.protocol import Answer, FailureKind, ParseFailure, ToolCall
+from qprobe.defects import names
 from qprobe.rewards import REWARDS
 
 VIEW = (56, 42)  # the global view of a 640x480 photo at 3136 pixels
@@ -36,7 +37,7 @@ def near_miss(draw: st.DrawFn) -> str:
 
     if draw(st.booleans()):
         count = draw(st.sampled_from([0, 1, 3, protocol.MAX_DEFECTS, protocol.MAX_DEFECTS + 1, 10_000]))
-        one = f'{{"bbox_2d": {box()}, "type": "{draw(st.sampled_from([*protocol.DEFECT_TYPES, "fog", ""]))}"}}'
+        one = f'{{"bbox_2d": {box()}, "type": "{draw(st.sampled_from([*names(), "fog", ""]))}"}}'
         action = f'<answer>{{"score": {draw(score)}, "defects": [{", ".join([one] * count)}]}}</answer>'
     else:
         action = f'<tool_call>{{"name": "crop", "arguments": {{"bbox_2d": {box()}}}}}</tool_call>'

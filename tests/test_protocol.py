@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from qprobe.agent import protocol
 from qprobe.agent.protocol import Answer, Defect, FailureKind, ParseFailure, ToolCall
+from qprobe.defects import names
 
 FRAGMENTS = [
     "<think>", "</think>", "<tool_call>", "</tool_call>", "<answer>", "</answer>", "<|im_end|>", "<|endoftext|>",
@@ -51,7 +52,7 @@ def test_tool_call_round_trip(box: tuple[float, ...], think: str) -> None:
 
 defects = st.lists(st.builds(lambda b, t: Defect(bbox=b, type=t), st.tuples(view_coords, view_coords, view_coords,
                                                                             view_coords),
-                             st.sampled_from(protocol.DEFECT_TYPES)), max_size=4)
+                             st.sampled_from(names())), max_size=4)
 
 
 @settings(max_examples=150, deadline=None)
@@ -139,10 +140,10 @@ def test_strict_format_check(text: str, kind: FailureKind) -> None:
 
 
 def test_prompts_state_the_tool_the_frame_and_the_format() -> None:
-    system = protocol.SYSTEM_PROMPT
+    system = protocol.system_prompt()
     assert "bbox_2d" in system and "<tool_call>" in system and "<answer>" in system and "<think>" in system
     assert json.dumps(protocol.CROP_TOOL_SCHEMA) in system
-    assert all(t in system for t in protocol.DEFECT_TYPES)
+    assert all(t in system for t in names())
     assert "absolute pixels of the global view" in system
     user = protocol.user_prompt((812, 616), (3248, 2464), 3)
     assert "812x616" in user and "3248x2464" in user and "3 regions" in user

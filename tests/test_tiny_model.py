@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from qprobe.agent import protocol
+from qprobe.defects import names
 from qprobe.errors import QProbeError
 from qprobe.models.factory import check_checkpoint, load_model, load_processor
 
@@ -51,7 +52,7 @@ def test_tokenizer_makes_the_protocol_cheap(tiny_model_dir: Path) -> None:
     for tag in ("<think>", "</think>", "<tool_call>", "</tool_call>", "<answer>", "</answer>", "<|im_start|>",
                 "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|endoftext|>"):
         assert len(tokenizer(tag, add_special_tokens=False)["input_ids"]) == 1, tag
-    for word in ("crop", "score", "defects", "arguments", *protocol.DEFECT_TYPES):
+    for word in ("crop", "score", "defects", "arguments", *names()):
         assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) <= 2, word
     turn = protocol.render_turn("The crop is clean.", protocol.render_tool_call([10, 20, 300, 400]))
     ids = tokenizer(turn + "<|im_end|>")["input_ids"]

@@ -33,15 +33,14 @@ from typing import Any
 
 from PIL import Image
 
+from qprobe.defects import TYPES
+
 Box = tuple[float, float, float, float]
 
 CROP_TOOL_NAME = "crop"
 SCORE_MIN, SCORE_MAX = 1.0, 5.0
 # Below this linear downscale factor the global view shows the photo at about its native resolution.
 NATIVE_SCALE = 1.25
-# The bench's degradation types (Vista-Bench); the prompt lists them and the strict format check
-# accepts only these, so the bench and the protocol must share this tuple.
-DEFECT_TYPES: tuple[str, ...] = ("blur", "noise", "jpeg", "ringing", "pixelation", "banding")
 # An answer listing more defects than this is a parse failure: a bench photo has a handful, and box
 # matching (Hungarian, cubic in the count) must stay cheap whatever the model writes.
 MAX_DEFECTS = 32
@@ -68,8 +67,13 @@ CROP_TOOL_SCHEMA: dict[str, Any] = {
     },
 }
 
-SYSTEM_PROMPT = f"""You are Q-Probe, an expert in image quality assessment of high-resolution photos.
-You see a downscaled global view of the photo. Small local defects ({", ".join(DEFECT_TYPES)}) are often \
+
+def system_prompt() -> str:
+    """The system prompt. It lists the registered defect types (:mod:`qprobe.defects`), the same the
+    bench writes and :func:`format_failure` accepts, so it is built from the registry on each call."""
+    types = ", ".join(TYPES)
+    return f"""You are Q-Probe, an expert in image quality assessment of high-resolution photos.
+You see a downscaled global view of the photo. Small local defects ({types}) are often \
 invisible at that scale, so inspect suspicious regions at native resolution with the crop tool before \
 you judge. Every box, in tool calls and in the answer, is [x1, y1, x2, y2] in absolute pixels of the \
 global view, whose size the user gives as WIDTHxHEIGHT.
@@ -88,7 +92,7 @@ the answer:
 The crop comes back as an image. First give your global impression, then scrutinise each crop and check \
 it critically against the global context. The score S is the overall quality from 1 (bad) to 5 \
 (excellent) with two decimals; list every local defect you found with its box and its type T, one of: \
-{", ".join(DEFECT_TYPES)}; an empty list if the photo is clean."""
+{types}; an empty list if the photo is clean."""
 
 
 def downscale_factor(view_size: tuple[int, int], original_size: tuple[int, int]) -> float:
@@ -179,7 +183,7 @@ RESPONSE_TEMPLATE: dict[str, Any] = {
 
 
 def system_message() -> dict[str, Any]:
-    return {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}
+    return {"role": "system", "content": [{"type": "text", "text": system_prompt()}]}
 
 
 def global_turn(view: Image.Image, original_size: tuple[int, int], max_crops: int) -> list[dict[str, Any]]:
@@ -488,7 +492,7 @@ def format_failure(text: Any, view_size: tuple[int, int] | None = None) -> Parse
     that parses, nothing else but whitespace (a trailing ``<|im_end|>`` is allowed); boxes with
     ``x1 < x2`` and ``y1 < y2`` in non-negative pixels, inside the global view when ``view_size``
     (``(width, height)``, as the prompt states it: :func:`view_size_of`) is given; an answer lists its
-    ``defects`` (maybe empty) with types from :data:`DEFECT_TYPES`.
+    ``defects`` (maybe empty) with types from the registry, :data:`qprobe.defects.TYPES`.
     """
     parsed = parse_assistant(text)
     if isinstance(parsed, ParseFailure):
@@ -510,7 +514,7 @@ def format_failure(text: Any, view_size: tuple[int, int] | None = None) -> Parse
         payload = json.loads(body[body.index("<answer>") + len("<answer>"): body.index("</answer>")])
         if "defects" not in payload:
             return ParseFailure(FailureKind.MISSING_DEFECTS, 'the answer must list "defects" (maybe [])', text)
-        unknown = [d.type for d in parsed.defects if d.type not in DEFECT_TYPES]
+        unknown = [d.type for d in parsed.defects if d.type not in TYPES]
         if unknown:
             return ParseFailure(FailureKind.UNKNOWN_DEFECT_TYPE, f"unknown defect type {unknown[0][:30]!r}", text)
     return None

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from qprobe.agent.backends import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES
 from qprobe.agent.crop import DEFAULT_CROP_MAX_PIXELS, DEFAULT_GLOBAL_MAX_PIXELS, budget_size
 from qprobe.config import build_parser, parse_config
+from qprobe.draw import CROP, PREDICTION, Mark, draw_marks, fit
 from qprobe.errors import QProbeError, describe
 from qprobe.io import (
     DEFAULT_MAX_PIXELS,
@@ -150,24 +151,10 @@ def _summary_line(path: Path, result: dict[str, Any]) -> str:
 def draw_boxes(image: Image.Image, crops: list[tuple[int, int, int, int]],
                defects: list[dict[str, Any]]) -> Image.Image:
     """``image`` (downscaled to at most :data:`VIZ_MAX_SIDE`) with crop and defect boxes drawn."""
-    scale = min(1.0, VIZ_MAX_SIDE / max(image.size))
-    canvas = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                          Image.Resampling.LANCZOS) if scale < 1 else image.copy()
-    draw = ImageDraw.Draw(canvas)
-    width = max(2, round(max(canvas.size) / 400))
-    font = ImageFont.load_default(size=max(12, round(max(canvas.size) / 60)))
-
-    def scaled(box: Sequence[float]) -> list[float]:
-        return [v * scale for v in box]
-
-    for i, box in enumerate(crops, 1):
-        draw.rectangle(scaled(box), outline=(0, 220, 255), width=width)
-        draw.text((box[0] * scale + 2 * width, box[1] * scale + width), f"crop {i}", fill=(0, 220, 255), font=font)
-    for defect in defects:
-        box = scaled(defect["bbox_original"])
-        draw.rectangle(box, outline=(255, 40, 40), width=width)
-        draw.text((box[0] + 2 * width, box[3] - width), defect["type"], fill=(255, 40, 40), font=font, anchor="ld")
-    return canvas
+    canvas, scale = fit(image, VIZ_MAX_SIDE)
+    marks = [*(Mark(box, CROP, f"crop {i}") for i, box in enumerate(crops, 1)),
+             *(Mark(d["bbox_original"], PREDICTION, d["type"]) for d in defects)]
+    return draw_marks(canvas, marks, scale=scale)
 
 
 CSV_COLUMNS = ("image", "score", "outcome", "failure_kind", "defects", "crops", "global_visual_tokens",

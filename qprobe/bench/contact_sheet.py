@@ -1,5 +1,7 @@
 """Contact sheet: a grid of thumbnails with every defect box drawn and labelled ``type severity``.
 
+Each box has its type's colour (:mod:`qprobe.defects`), drawn by :mod:`qprobe.draw`.
+
 One look at ``contact_sheet.jpg`` tells whether defects land on texture, whether boxes match what
 changed, and whether the MOS reads right; it is logged to MLflow with the stage's run.
 """
@@ -11,36 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from qprobe.defects import colour
+from qprobe.draw import Mark, draw_marks, font
 from qprobe.io import save_image_atomic
 
 TILE = 320  # thumbnail box, pixels
 CAPTION = 18  # caption strip under each thumbnail
 PAD = 6
-COLOURS = {
-    "blur": (0, 170, 255),
-    "noise": (255, 215, 0),
-    "ringing": (255, 80, 200),
-    "jpeg": (255, 60, 60),
-    "pixelation": (60, 230, 90),
-    "banding": (255, 140, 0),
-}
-FALLBACK = (255, 255, 255)
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow built without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, colour: tuple[int, int, int],
-           font: Any) -> None:
-    left, top, right, bottom = draw.textbbox(xy, text, font=font)
-    draw.rectangle((left - 2, top - 1, right + 2, bottom + 1), fill=(0, 0, 0))
-    draw.text(xy, text, fill=colour, font=font)
 
 
 def _thumbnail(path: Path, width: int, height: int) -> Image.Image:
@@ -68,19 +49,15 @@ def make_contact_sheet(records: Sequence[dict[str, Any]], root: str | Path, path
                    for i in range(0, len(thumbs), columns)]
     sheet = Image.new("RGB", (columns * (TILE + PAD) + PAD, sum(row_heights) + PAD), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
-    font, small = _font(13), _font(11)
+    caption_font = font(13)
     for index, (record, thumb) in enumerate(zip(chosen, thumbs, strict=True)):
         row = index // columns
         x0 = PAD + (index % columns) * (TILE + PAD)
         y0 = PAD + sum(row_heights[:row])
-        sheet.paste(thumb, (x0, y0))
-        scale = thumb.width / record["width"]
-        for defect in record["defects"] or []:
-            x1, y1, x2, y2 = (v * scale for v in defect["bbox"])
-            colour = COLOURS.get(defect["type"], FALLBACK)
-            draw.rectangle((x0 + x1, y0 + y1, x0 + x2, y0 + y2), outline=colour, width=2)
-            _label(draw, (x0 + x1 + 3, y0 + y1 + 2), f"{defect['type']} {defect['severity']}", colour, small)
+        marks = [Mark(d["bbox"], colour(d["type"]), f"{d['type']} {d['severity']}")
+                 for d in record["defects"] or []]
+        sheet.paste(draw_marks(thumb, marks, scale=thumb.width / record["width"]), (x0, y0))
         caption = f"{record['id']}  MOS {record['mos']:.2f}" + ("" if record["defects"] else "  pristine")
-        draw.text((x0, y0 + thumb.height + 2), caption, fill=(230, 230, 230), font=font)
+        draw.text((x0, y0 + thumb.height + 2), caption, fill=(230, 230, 230), font=caption_font)
     save_image_atomic(sheet, path, quality=88)
     return Path(path)

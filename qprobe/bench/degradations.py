@@ -23,19 +23,20 @@ type            what it does                                                    
 ==============  ======================================================================  ==========
 
 Strength grows strictly with severity for every type, so more severity means a lower PSNR
-against the source. Each entry also carries a ``visibility`` weight in ``(0, 1]`` that the MOS
-model (:mod:`qprobe.bench.mos`) uses: how strongly a defect of that type, at equal severity and
-size, lowers perceived quality. Adding a type is one decorated function.
+against the source. A type itself (its MOS weight, phrasing, colour) is an entry of
+:data:`qprobe.defects.TYPES`; this module holds its pixels: adding a type is that entry plus one
+function here registered under its name (a test holds the two in step).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import pywt
 from scipy.fft import dctn, idctn
+
+from qprobe import defects
 
 DegradationFn = Callable[[np.ndarray, int, np.random.Generator, tuple[int, int]], np.ndarray]
 
@@ -47,23 +48,17 @@ MARGIN = 2**LEVELS
 SEVERITIES = (1, 2, 3, 4, 5)
 
 
-@dataclass(frozen=True)
-class Degradation:
-    name: str
-    fn: DegradationFn
-    visibility: float
-    description: str
+# The degradation function of each registered type (:data:`qprobe.defects.TYPES`), by name.
+DEGRADATIONS: dict[str, DegradationFn] = {}
 
 
-DEGRADATIONS: dict[str, Degradation] = {}
-
-
-def register(name: str, visibility: float) -> Callable[[DegradationFn], DegradationFn]:
-    """Add the decorated function to :data:`DEGRADATIONS` under ``name``."""
+def register(name: str) -> Callable[[DegradationFn], DegradationFn]:
+    """Add the decorated function to :data:`DEGRADATIONS` as the degradation of registered type ``name``."""
+    if name not in defects.TYPES:
+        raise KeyError(f"degradation {name!r} has no entry in qprobe.defects.TYPES")
 
     def wrap(fn: DegradationFn) -> DegradationFn:
-        doc = (fn.__doc__ or "").strip().splitlines()
-        DEGRADATIONS[name] = Degradation(name, fn, visibility, doc[0] if doc else name)
+        DEGRADATIONS[name] = fn
         return fn
 
     return wrap
@@ -91,7 +86,7 @@ _BLUR_GAIN = (
 )
 
 
-@register("blur", visibility=0.85)
+@register("blur")
 def blur(patch: np.ndarray, severity: int, rng: np.random.Generator, origin: tuple[int, int]) -> np.ndarray:
     """Defocus-like blur: detail coefficients attenuated, finest levels most."""
     gains = _BLUR_GAIN[severity - 1]
@@ -101,7 +96,7 @@ def blur(patch: np.ndarray, severity: int, rng: np.random.Generator, origin: tup
 _NOISE_SIGMA = (4.0, 7.0, 11.0, 16.0, 23.0)  # grey levels, level-1 coefficients; level 2 gets half
 
 
-@register("noise", visibility=0.75)
+@register("noise")
 def noise(patch: np.ndarray, severity: int, rng: np.random.Generator, origin: tuple[int, int]) -> np.ndarray:
     """Sensor-like noise: Gaussian noise added to the two finest detail levels."""
     sigma = _NOISE_SIGMA[severity - 1]
@@ -117,7 +112,7 @@ def noise(patch: np.ndarray, severity: int, rng: np.random.Generator, origin: tu
 _RING_GAIN = (1.8, 2.6, 3.6, 4.8, 6.5)  # level 1; level 2 gets the square root, level 3 its fourth root
 
 
-@register("ringing", visibility=0.7)
+@register("ringing")
 def ringing(patch: np.ndarray, severity: int, rng: np.random.Generator, origin: tuple[int, int]) -> np.ndarray:
     """Over-sharpening: fine and middle detail levels amplified, halos and ringing at edges."""
     gain = _RING_GAIN[severity - 1]
@@ -143,7 +138,7 @@ def _quant_table(base: np.ndarray, quality: int) -> np.ndarray:
     return np.clip(np.floor((base * scale + 50) / 100), 1, 255)
 
 
-@register("jpeg", visibility=0.9)
+@register("jpeg")
 def jpeg(patch: np.ndarray, severity: int, rng: np.random.Generator, origin: tuple[int, int]) -> np.ndarray:
     """JPEG compression: 8x8 block DCT of YCbCr quantised with the standard tables at low quality."""
     quality = _JPEG_QUALITY[severity - 1]
@@ -169,7 +164,7 @@ def jpeg(patch: np.ndarray, severity: int, rng: np.random.Generator, origin: tup
 _PIXEL_BLOCK = (3, 5, 8, 12, 18)
 
 
-@register("pixelation", visibility=1.0)
+@register("pixelation")
 def pixelation(patch: np.ndarray, severity: int, rng: np.random.Generator, origin: tuple[int, int]) -> np.ndarray:
     """Pixelation from bad resampling: f x f blocks on the image grid replaced by their mean."""
     f = _PIXEL_BLOCK[severity - 1]
@@ -186,7 +181,7 @@ def pixelation(patch: np.ndarray, severity: int, rng: np.random.Generator, origi
 _BAND_LEVELS = (24, 14, 9, 6, 4)
 
 
-@register("banding", visibility=0.75)
+@register("banding")
 def banding(patch: np.ndarray, severity: int, rng: np.random.Generator, origin: tuple[int, int]) -> np.ndarray:
     """Colour banding: each channel posterised to a few levels, gradients turn into flat bands."""
     step = 255.0 / (_BAND_LEVELS[severity - 1] - 1)
@@ -229,7 +224,7 @@ def inject(
     nx1, ny1 = max(0, x1 - MARGIN), max(0, y1 - MARGIN)
     nx2, ny2 = min(width, x2 + MARGIN), min(height, y2 + MARGIN)
     patch = image[ny1:ny2, nx1:nx2].astype(np.float32)
-    degraded = DEGRADATIONS[kind].fn(patch, severity, rng, (ny1, nx1))
+    degraded = DEGRADATIONS[kind](patch, severity, rng, (ny1, nx1))
     inner = degraded[y1 - ny1: y2 - ny1, x1 - nx1: x2 - nx1]
     source = patch[y1 - ny1: y2 - ny1, x1 - nx1: x2 - nx1]
     mask = feather_mask(y2 - y1, x2 - x1, feather)[..., None]

@@ -9,8 +9,8 @@ box (:mod:`qprobe.bench.texture`). Its impairment is
 
     d_i = w_k \cdot (s / 5)^{\gamma} \cdot (1 - e^{-a / a_0}) \cdot (\tfrac12 + \tfrac12 t)
 
-* ``w_k`` in ``(0, 1]``: the type's visibility weight, registered with the degradation
-  (:data:`qprobe.bench.degradations.DEGRADATIONS`).
+* ``w_k`` in ``(0, 1]``: the type's visibility weight, in its entry of the defect-type registry
+  (:data:`qprobe.defects.TYPES`).
 * ``(s / 5)^gamma``, ``gamma = 1.3``: severity matters more than linearly; severity 1 is a
   near-threshold defect, 5 is gross.
 * ``1 - exp(-a / a_0)``, ``a_0 = 0.02``: a defect covering 2% of the frame (a 280 px square on a

@@ -58,7 +58,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from qprobe.bench.contact_sheet import make_contact_sheet
-from qprobe.bench.degradations import DEGRADATIONS, inject
+from qprobe.bench.degradations import inject
 from qprobe.bench.mos import DefectEvidence, mos
 from qprobe.bench.regions import place_regions
 from qprobe.bench.texture import TextureMap, texture_map
@@ -74,6 +74,7 @@ from qprobe.data.sources import (
     open_source,
 )
 from qprobe.data.splits import assign_splits, stable_int
+from qprobe.defects import TYPES, check_types
 from qprobe.errors import QProbeError
 from qprobe.io import (
     DEFAULT_MAX_PIXELS,
@@ -132,8 +133,8 @@ class BenchConfig:
         "help": "largest share of the smaller box two defect boxes may share"})
     top_fraction: float = field(default=0.2, metadata={
         "help": "boxes are drawn from this top share of placements ranked by texture"})
-    types: list[str] = field(default_factory=lambda: list(DEGRADATIONS), metadata={
-        "help": f"defect types to use (known: {', '.join(DEGRADATIONS)})"})
+    types: list[str] = field(default_factory=lambda: list(TYPES), metadata={
+        "help": f"defect types to use, from the registry qprobe/defects.py (known: {', '.join(TYPES)})"})
     feather: float = field(default=0.3, metadata={
         "help": "share of a box's half-size over which the defect fades in (0: hard edge)"})
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15}, metadata={
@@ -165,9 +166,7 @@ class BenchConfig:
             raise ValueError(f"region_size must be [min, max] with 0 < min <= max <= 1, got {self.region_size}")
         if not 0.0 <= self.max_overlap <= 1.0 or not 0.0 < self.top_fraction <= 1.0:
             raise ValueError("max_overlap must be in [0, 1] and top_fraction in (0, 1]")
-        unknown = sorted(set(self.types) - set(DEGRADATIONS))
-        if not self.types or unknown:
-            raise ValueError(f"types must be a non-empty list from {', '.join(DEGRADATIONS)}; unknown: {unknown}")
+        check_types(self.types, "types")
         if not 0.0 <= self.feather <= 1.0:
             raise ValueError(f"feather must be in [0, 1], got {self.feather}")
         if set(self.splits) - set(SPLITS) or any(v < 0 for v in self.splits.values()) \
@@ -267,7 +266,7 @@ def synthesize_image(pixels: np.ndarray, texture: TextureMap, rng: np.random.Gen
         inject(image, kind, severity, box, rng, feather=cfg.feather)
         defects.append(Defect(kind, severity, box))
         area = (box[2] - box[0]) * (box[3] - box[1]) / (width * height)
-        evidence.append(DefectEvidence(DEGRADATIONS[kind].visibility, severity, area, texture.box_mean(box)))
+        evidence.append(DefectEvidence(TYPES[kind].visibility, severity, area, texture.box_mean(box)))
     return image, defects, evidence
 
 
@@ -437,7 +436,7 @@ def _metrics(records: list[dict[str, Any]], skipped: Counter, new: int, listed: 
         "sources_listed": listed,
         "sources_used": len({r["key"] for r in records}),
         "skipped": {"total": sum(skipped.values()), **{reason: skipped.get(reason, 0) for reason in SKIP_REASONS}},
-        "defects_by_type": {t: sum(d["type"] == t for d in defects) for t in DEGRADATIONS},
+        "defects_by_type": {t: sum(d["type"] == t for d in defects) for t in TYPES},
         "defects_by_severity": {str(s): sum(d["severity"] == s for d in defects) for s in range(1, 6)},
         "splits": {s: sum(r["split"] == s for r in records) for s in SPLITS},
         "mos": {"mean": round(float(scores.mean()), 4), "std": round(float(scores.std()), 4),
@@ -459,7 +458,7 @@ def _write_validated_manifest(records: list[dict[str, Any]], out: Path, fingerpr
     final, invalid = out / MANIFEST_NAME, out / INVALID_MANIFEST
     candidate = write_manifest(records, out / CANDIDATE_MANIFEST, metadata={FINGERPRINT_KEY: fingerprint})
     try:
-        validate_bench_manifest(read_manifest(candidate), out, DEGRADATIONS, name=str(final))
+        validate_bench_manifest(read_manifest(candidate), out, TYPES, name=str(final))
     except ValidationError:
         os.replace(candidate, invalid)
         final.unlink(missing_ok=True)

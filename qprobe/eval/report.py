@@ -6,14 +6,14 @@ degradation type and MAE per severity, and the reward curves of the training sta
 has them. :func:`write_report` writes ``report.html``: tables of every metric with its bootstrap
 interval, outcomes and parse failures, localisation, cost per image, the probes, those figures and a
 gallery of the worst and best cases with the true (green) and predicted (red) defect boxes and the
-regions the agent cropped (cyan). Everything is inlined (PNG and JPEG as base64 data URLs, CSS in
-the page, no script), so the file can be mailed, attached to an MLflow run or opened offline.
+regions the agent cropped (cyan). The page is ``templates/report.html.jinja`` (autoescaped, with the
+shared stylesheet). Everything is inlined (PNG and JPEG as base64 data URLs, CSS in the page, no
+script), so the file can be mailed, attached to an MLflow run or opened offline.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import logging
 import math
@@ -21,23 +21,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
+from markupsafe import Markup
 
+from qprobe.draw import CROP, PREDICTION, TRUTH, Mark, css_colour, draw_marks, fit
 from qprobe.errors import QProbeError
 from qprobe.eval.metrics import HEADLINE, fit_logistic
 from qprobe.eval.probes import ProbeResult
 from qprobe.io import load_image, write_bytes_atomic, write_text_atomic
+from qprobe.pages import render_page
 
 log = logging.getLogger(__name__)
 
 THUMB_SIDE = 400
-TRUE_COLOUR = (40, 200, 80)
-PRED_COLOUR = (240, 40, 40)
-CROP_COLOUR = (0, 200, 255)
 GALLERY_METHODS = ("qprobe", "piqe_patch")
 LABELS = {"qprobe": "Q-Probe", "no_tool": "same model, tool disabled", "piqe": "PIQE (global)",
           "piqe_patch": "PIQE (worst tiles)"}
@@ -205,44 +204,92 @@ def write_figures(data: ReportData, folder: Path) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# HTML
+# HTML: the sections are lists of blocks that templates/report.html.jinja renders. Text is escaped
+# there; a cell or paragraph that holds markup on purpose is a markupsafe.Markup built with
+# Markup.format, which escapes what goes into it.
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    kind: ClassVar[str] = "heading"
 
 
-def _png(path: Path, alt: str) -> str:
-    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+    kind: ClassVar[str] = "paragraph"
+
+
+@dataclass(frozen=True)
+class Table:
+    headers: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+    caption: str = ""
+    kind: ClassVar[str] = "table"
+
+
+@dataclass(frozen=True)
+class Plot:
+    src: str  # a data URL
+    alt: str
+    kind: ClassVar[str] = "plot"
+
+
+@dataclass(frozen=True)
+class Card:
+    id: str
+    src: str  # a data URL, or "" when the image could not be read
+    mos: str
+    verdict: str
+    true: str
+    predicted: str
+
+
+@dataclass(frozen=True)
+class Gallery:
+    title: str
+    cards: Sequence[Card]
+    kind: ClassVar[str] = "gallery"
+
+
+@dataclass(frozen=True)
+class Legend:
+    entries: Sequence[tuple[str, str]]  # (CSS colour, what it marks)
+    kind: ClassVar[str] = "legend"
+
+
+Block = Heading | Paragraph | Table | Plot | Gallery | Legend
+
+
+def _png(path: Path, alt: str) -> Plot:
+    return Plot("data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii"), alt)
 
 
 def _interval(values: dict[str, float], key: str) -> str:
     low, high = values.get(f"{key}_low"), values.get(f"{key}_high")
-    bounds = f' <span class="ci">[{_num(low)}, {_num(high)}]</span>' if _finite(low) and _finite(high) else ""
-    return _num(values.get(key)) + bounds
+    if not (_finite(low) and _finite(high)):
+        return _num(values.get(key))
+    return Markup('{} <span class="ci">[{}, {}]</span>').format(_num(values.get(key)), _num(low), _num(high))
 
 
-def _agreement(data: ReportData, figures: dict[str, Path]) -> str:
-    parts = []
+def _agreement(data: ReportData, figures: dict[str, Path]) -> list[Block]:
+    parts: list[Block] = []
     for set_name in data.sets:
         methods = data.nested.get(set_name, {})
         if not methods:
             continue
-        rows = [[html.escape(_label(m)), _count(v.get("n")), _count(v.get("answered")), _num(v.get("answer_rate")),
+        rows = [[_label(m), _count(v.get("n")), _count(v.get("answered")), _num(v.get("answer_rate")),
                  *(_interval(v, k) for k in HEADLINE)] for m, v in methods.items()]
-        parts.append(f"<h3>{html.escape(set_name)}</h3>")
-        parts.append(_table(["method", "images", "answered", "answer rate", *(STAT_LABELS[k] for k in HEADLINE)],
-                            rows, caption="bootstrap intervals in brackets"))
+        parts.append(Heading(set_name))
+        parts.append(Table(["method", "images", "answered", "answer rate", *(STAT_LABELS[k] for k in HEADLINE)],
+                           rows, caption="bootstrap intervals in brackets"))
         if f"scatter_{set_name}" in figures:
             parts.append(_png(figures[f"scatter_{set_name}"], f"{set_name} scatter"))
-    return "".join(parts)
+    return parts
 
 
-def _outcomes(data: ReportData) -> str:
+def _outcomes(data: ReportData) -> list[Block]:
     rows = []
     for set_name, methods in data.nested.items():
         for method, values in methods.items():
@@ -250,13 +297,12 @@ def _outcomes(data: ReportData) -> str:
                                  if k.startswith("outcome."))
             failures = ", ".join(f"{k.split('.', 1)[1]} {_count(v)}" for k, v in sorted(
                 ((k, v) for k, v in values.items() if k.startswith("failure.")), key=lambda kv: -kv[1]))
-            rows.append([html.escape(set_name), html.escape(_label(method)), html.escape(outcomes),
-                         html.escape(failures) or "–"])
-    return _table(["set", "method", "outcomes", "parse failures"], rows)
+            rows.append([set_name, _label(method), outcomes, failures or "–"])
+    return [Table(["set", "method", "outcomes", "parse failures"], rows)]
 
 
-def _groups_html(data: ReportData, figures: dict[str, Path]) -> str:
-    parts = []
+def _groups_html(data: ReportData, figures: dict[str, Path]) -> list[Block]:
+    parts: list[Block] = []
     for set_name, methods in data.nested.items():
         names = sorted({k.split(".")[1] for v in methods.values() for k in v if k.startswith("type.")})
         severities = sorted({k.split(".")[1] for v in methods.values() for k in v if k.startswith("severity.")})
@@ -269,15 +315,15 @@ def _groups_html(data: ReportData, figures: dict[str, Path]) -> str:
                 prefix = f"{kind}.{group}."
                 cells.append(f"{_num(values.get(prefix + 'srcc'))} / {_num(values.get(prefix + 'mae'))}")
             first = next(iter(methods.values()))
-            rows.append([kind, html.escape(group), _count(first.get(f"{kind}.{group}.n")), *cells])
-        parts.append(f"<h3>{html.escape(set_name)}</h3>")
-        parts.append(_table(["by", "group", "images", *(f"{_label(m)}: SRCC / MAE" for m in methods)], rows))
+            rows.append([kind, group, _count(first.get(f"{kind}.{group}.n")), *cells])
+        parts.append(Heading(set_name))
+        parts.append(Table(["by", "group", "images", *(f"{_label(m)}: SRCC / MAE" for m in methods)], rows))
         if f"groups_{set_name}" in figures:
             parts.append(_png(figures[f"groups_{set_name}"], f"{set_name} groups"))
-    return "".join(parts) or "<p>No set has known defects (has_defect) to group by.</p>"
+    return parts or [Paragraph("No set has known defects (has_defect) to group by.")]
 
 
-def _localisation(data: ReportData) -> str:
+def _localisation(data: ReportData) -> list[Block]:
     rows = []
     for set_name, methods in data.nested.items():
         for method, v in methods.items():
@@ -285,18 +331,18 @@ def _localisation(data: ReportData) -> str:
                 continue
             by_type = ", ".join(f"{k.rsplit('.', 1)[1]} {_num(x, 2)}" for k, x in v.items()
                                 if k.startswith("loc.recall."))
-            rows.append([html.escape(set_name), html.escape(_label(method)), _num(v["loc.mean_iou"]),
+            rows.append([set_name, _label(method), _num(v["loc.mean_iou"]),
                          _num(v.get("loc.recall")), _num(v.get("loc.precision")),
                          _num(v.get("loc.false_alarm_rate")), _count(v.get("loc.true_boxes")),
-                         _count(v.get("loc.predicted_boxes")), html.escape(by_type) or "–"])
+                         _count(v.get("loc.predicted_boxes")), by_type or "–"])
     if not rows:
-        return "<p>No method reported boxes on a set with known defects.</p>"
+        return [Paragraph("No method reported boxes on a set with known defects.")]
     threshold = data.config.get("iou_threshold", 0.5)
-    return _table(["set", "method", "mean IoU (Hungarian)", f"recall @ IoU {threshold}", "precision",
-                   "false-alarm rate (pristine)", "true boxes", "predicted boxes", "recall by type"], rows)
+    return [Table(["set", "method", "mean IoU (Hungarian)", f"recall @ IoU {threshold}", "precision",
+                   "false-alarm rate (pristine)", "true boxes", "predicted boxes", "recall by type"], rows)]
 
 
-def _cost(data: ReportData) -> str:
+def _cost(data: ReportData) -> list[Block]:
     keys = ("turns", "crops", "global_visual_tokens", "crop_visual_tokens", "text_tokens", "generated_tokens",
             "seconds", "full_resolution_visual_tokens", "visual_ratio_total")
     heads = ("turns", "crops", "global visual tokens", "crop visual tokens", "text tokens", "generated tokens",
@@ -304,57 +350,55 @@ def _cost(data: ReportData) -> str:
     rows = []
     for set_name, methods in data.nested.items():
         for method, v in methods.items():
-            rows.append([html.escape(set_name), html.escape(_label(method)),
+            rows.append([set_name, _label(method),
                          *(_num(v.get(f"cost.{k}"), 3 if k == "visual_ratio_total" else 2 if k == "seconds" else 1)
                            for k in keys)])
-    return _table(["set", "method", *heads], rows, caption="means per image")
+    return [Table(["set", "method", *heads], rows, caption="means per image")]
 
 
-def _probes(data: ReportData) -> str:
-    parts = []
+def _probes(data: ReportData) -> list[Block]:
+    parts: list[Block] = [Heading("Cropping bias")]
     crop = data.probes.get("crop_bias")
     if crop:
-        rows = [[html.escape(_label(m)), _count(r.summary["images"]),
+        rows = [[_label(m), _count(r.summary["images"]),
                  f"{_count(r.summary['answered_pairs'])} / {_count(r.summary['pairs'])}",
                  f"{_num(r.summary['mean_shift'])} ± {_num(r.summary['shift_sem'])}",
                  _num(r.summary["mean_abs_shift"])]
                 for m, r in crop.items()]
-        parts.append("<h3>Cropping bias</h3><p>Pristine photos scored whole, then as crops cut by the crop tool; "
-                     "the mean shift (crop minus photo) should be near zero.</p>")
-        parts.append(_table(["method", "photos", "answered pairs", "mean shift ± s.e.", "mean |shift|"], rows))
+        parts.append(Paragraph("Pristine photos scored whole, then as crops cut by the crop tool; "
+                               "the mean shift (crop minus photo) should be near zero."))
+        parts.append(Table(["method", "photos", "answered pairs", "mean shift ± s.e.", "mean |shift|"], rows))
     else:
-        parts.append("<h3>Cropping bias</h3><p>Not run (no pristine image in the sets, or switched off).</p>")
+        parts.append(Paragraph("Not run (no pristine image in the sets, or switched off)."))
+    parts.append(Heading("Bokeh"))
     bokeh = data.probes.get("bokeh")
     if bokeh:
-        rows = [[html.escape(_label(m)), _count(r.summary["photos"]), _count(r.summary["answered"]),
+        rows = [[_label(m), _count(r.summary["photos"]), _count(r.summary["answered"]),
                  _num(r.summary["flag_rate"]), _num(r.summary["blur_defect_rate"]),
                  _num(r.summary["low_score_rate"]), _num(r.summary["mean_score"])] for m, r in bokeh.items()]
-        parts.append("<h3>Bokeh</h3><p>Pristine photos with a shallow depth of field; a blur defect or a score "
-                     "below 3 counts as a false flag.</p>")
-        parts.append(_table(["method", "photos", "answered", "flag rate", "blur-defect rate", "low-score rate",
-                             "mean score"], rows))
+        parts.append(Paragraph("Pristine photos with a shallow depth of field; a blur defect or a score "
+                               "below 3 counts as a false flag."))
+        parts.append(Table(["method", "photos", "answered", "flag rate", "blur-defect rate", "low-score rate",
+                            "mean score"], rows))
         names = [row["image"] for row in next(iter(bokeh.values())).rows]
-        detail = []
-        for i, name in enumerate(names):
-            cells = []
-            for result in bokeh.values():
-                row = result.rows[i]
-                mark = ' <span class="flag">flagged</span>' if row["flagged"] else ""
-                cells.append(_num(row["score"], 2) + mark)
-            detail.append([html.escape(name), *cells])
-        parts.append(_table(["photo", *(_label(m) for m in bokeh)], detail, caption="score per photo"))
+        flagged = Markup('{} <span class="flag">flagged</span>')
+        detail = [[name, *(flagged.format(_num(row["score"], 2)) if row["flagged"] else _num(row["score"], 2)
+                           for row in (result.rows[i] for result in bokeh.values()))]
+                  for i, name in enumerate(names)]
+        parts.append(Table(["photo", *(_label(m) for m in bokeh)], detail, caption="score per photo"))
     else:
-        parts.append("<h3>Bokeh</h3><p>Not run (no bokeh photo folder given, or it is missing).</p>")
+        parts.append(Paragraph("Not run (no bokeh photo folder given, or it is missing)."))
     repeat = data.probes.get("repeat")
     if repeat:
-        rows = [[html.escape(_label(m)), _count(r.summary["images"]), _count(r.summary["runs"]),
+        rows = [[_label(m), _count(r.summary["images"]), _count(r.summary["runs"]),
                  _num(r.summary["answer_rate"]), _num(r.summary["mean_std"]), _num(r.summary["max_std"])]
                 for m, r in repeat.items()]
         temperature = data.config.get("repeat_temperature")
-        parts.append(f"<h3>Repeatability</h3><p>Each image scored several times, sampling at temperature "
-                     f"{html.escape(str(temperature))}; the standard deviation of its scores.</p>")
-        parts.append(_table(["method", "images", "runs", "answer rate", "mean std", "max std"], rows))
-    return "".join(parts)
+        parts.append(Heading("Repeatability"))
+        parts.append(Paragraph(f"Each image scored several times, sampling at temperature {temperature}; "
+                               "the standard deviation of its scores."))
+        parts.append(Table(["method", "images", "runs", "answer rate", "mean std", "max std"], rows))
+    return parts
 
 
 def _thumbnail(row: pd.Series) -> str:
@@ -363,45 +407,29 @@ def _thumbnail(row: pd.Series) -> str:
     except QProbeError as exc:
         log.warning("gallery: %s", exc)
         return ""
-    scale = min(1.0, THUMB_SIDE / max(image.size))
-    thumb = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                         Image.Resampling.LANCZOS)
-    draw = ImageDraw.Draw(thumb)
-
-    def box(values: Sequence[float]) -> list[float]:
-        return [v * scale for v in values]
-
-    for crop in row["crops"]:
-        draw.rectangle(box(crop), outline=CROP_COLOUR, width=2)
-    for defect in row["true_defects"]:
-        draw.rectangle(box(defect["bbox"]), outline=TRUE_COLOUR, width=2)
-    for defect in row["defects"]:
-        corner = box(defect["bbox"])
-        draw.rectangle(corner, outline=PRED_COLOUR, width=2)
-        draw.text((corner[0] + 3, corner[1] + 2), defect["type"], fill=PRED_COLOUR)
+    thumb, scale = fit(image, THUMB_SIDE)
+    draw_marks(thumb, [*(Mark(crop, CROP) for crop in row["crops"]),
+                       *(Mark(d["bbox"], TRUTH) for d in row["true_defects"]),
+                       *(Mark(d["bbox"], PREDICTION, d["type"]) for d in row["defects"])], scale=scale)
     buffer = io.BytesIO()
     thumb.save(buffer, format="JPEG", quality=85)
-    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="{html.escape(str(row["id"]))}" src="data:image/jpeg;base64,{encoded}">'
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _card(row: pd.Series) -> str:
+def _card(row: pd.Series) -> Card:
     if row["score"] is not None and _finite(row["score"]):
         verdict = f"predicted {_num(row['score'], 2)}, error {_num(abs(row['score'] - row['mos']), 2)}"
     else:
         reason = f"{row['outcome']}" + (f": {row['failure']}" if isinstance(row["failure"], str) else "")
         verdict = f"no score ({reason})"
     true = ", ".join(f"{d['type']} s{d['severity']}" for d in row["true_defects"]) or "none"
-    pred = ", ".join(d["type"] for d in row["defects"]) or "none"
-    caption = (f"<b>{html.escape(str(row['id']))}</b> · MOS {_num(row['mos'], 2)} · {html.escape(verdict)}<br>"
-               f"true: {html.escape(true)} · predicted: {html.escape(pred)}")
-    return f"<figure>{_thumbnail(row)}<figcaption>{caption}</figcaption></figure>"
+    predicted = ", ".join(d["type"] for d in row["defects"]) or "none"
+    return Card(str(row["id"]), _thumbnail(row), _num(row["mos"], 2), verdict, true, predicted)
 
 
-def _gallery(data: ReportData) -> str:
-    parts = ['<p class="legend"><span style="color:#28c850">■</span> true defect '
-             '<span style="color:#f02828">■</span> predicted defect '
-             '<span style="color:#00c8ff">■</span> region the agent cropped</p>']
+def _gallery(data: ReportData) -> list[Block]:
+    parts: list[Block] = [Legend([(css_colour(TRUTH), "true defect"), (css_colour(PREDICTION), "predicted defect"),
+                                  (css_colour(CROP), "region the agent cropped")])]
     frame = data.predictions
     for method in (m for m in GALLERY_METHODS if m in data.methods):
         for set_name in data.sets:
@@ -412,44 +440,24 @@ def _gallery(data: ReportData) -> str:
             title = f"{_label(method)} on {set_name}"
             if answered.empty:
                 shown = part.head(data.gallery)
-                parts.append(f"<h3>{html.escape(title)}: unanswered</h3><div class='gallery'>"
-                             + "".join(_card(r) for _, r in shown.iterrows()) + "</div>")
+                parts.append(Gallery(f"{title}: unanswered", [_card(r) for _, r in shown.iterrows()]))
                 continue
             answered["error"] = (answered["score"].astype(float) - answered["mos"]).abs()
             ranked = answered.sort_values("error", ascending=False)
             worst = ranked.head(data.gallery)
             best = ranked.iloc[len(worst):].tail(data.gallery).iloc[::-1]
-            parts.append(f"<h3>{html.escape(title)}: worst</h3><div class='gallery'>"
-                         + "".join(_card(r) for _, r in worst.iterrows()) + "</div>")
+            parts.append(Gallery(f"{title}: worst", [_card(r) for _, r in worst.iterrows()]))
             if len(best):
-                parts.append(f"<h3>{html.escape(title)}: best</h3><div class='gallery'>"
-                             + "".join(_card(r) for _, r in best.iterrows()) + "</div>")
-    return "".join(parts)
+                parts.append(Gallery(f"{title}: best", [_card(r) for _, r in best.iterrows()]))
+    return parts
 
 
-def _training(data: ReportData, figures: dict[str, Path]) -> str:
+def _training(data: ReportData, figures: dict[str, Path]) -> list[Block]:
     if "reward_curves" in figures:
-        return _png(figures["reward_curves"], "training curves")
+        return [_png(figures["reward_curves"], "training curves")]
     stages = ", ".join(data.stages) or "none"
-    return f"<p>No MLflow run of the training stages ({html.escape(stages)}) was found; no curves.</p>"
+    return [Paragraph(f"No MLflow run of the training stages ({stages}) was found; no curves.")]
 
-
-CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:24px auto;max-width:1280px;
-color:#222;padding:0 16px;line-height:1.4}
-h1{margin-bottom:4px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
-.meta{color:#555;font-size:0.9em}nav a{margin-right:14px}
-table{border-collapse:collapse;margin:10px 0 18px;font-size:0.85em}
-caption{caption-side:bottom;color:#666;font-size:0.85em;text-align:left;padding-top:4px}
-th,td{border:1px solid #ddd;padding:4px 8px;text-align:right;vertical-align:top}
-th{background:#f4f4f4}td:first-child,td:nth-child(2){text-align:left}
-.ci{color:#777;font-size:0.85em;display:block;white-space:nowrap}.flag{color:#c00;font-weight:600}
-img.plot{max-width:100%;display:block;margin:8px 0 20px}
-.gallery{display:flex;flex-wrap:wrap;gap:14px}
-figure{margin:0;width:400px;border:1px solid #ddd;padding:6px;background:#fafafa}
-figure img{max-width:100%;display:block}figcaption{font-size:0.8em;margin-top:4px}
-.legend{font-size:0.9em}footer{margin-top:40px;color:#666;font-size:0.85em}
-"""
 
 NOTES = (
     "SRCC and KRCC measure agreement in order, PLCC and RMSE in value; the logistic columns map each method's "
@@ -477,20 +485,10 @@ def write_report(data: ReportData, figures: dict[str, Path], path: Path) -> Path
         ("probes", "Probes", _probes(data)),
         ("training", "Training curves", _training(data, figures)),
         ("gallery", "Gallery: worst and best cases", _gallery(data)),
-        ("config", "Configuration", _table(["parameter", "value"], [[html.escape(k), html.escape(str(v))]
-                                                                      for k, v in data.config.items()])),
+        ("config", "Configuration", [Table(["parameter", "value"], [[k, str(v)] for k, v in data.config.items()])]),
     ]
-    nav = "".join(f'<a href="#{key}">{html.escape(title)}</a>' for key, title, _ in sections)
-    body = "".join(f'<section id="{key}"><h2>{html.escape(title)}</h2>{content}</section>'
-                   for key, title, content in sections)
-    meta = (f"model <b>{html.escape(data.model)}</b> · sets {html.escape(', '.join(data.sets))} · "
-            f"{images} images · "
-            f"methods {html.escape(', '.join(_label(m) for m in data.methods))} · {data.seconds:.0f} s · "
-            f"commit {html.escape(commit[:12])} · {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<title>{html.escape(data.title)}</title><link rel="icon" href="data:,"><style>{CSS}</style></head>'
-            f'<body><h1>{html.escape(data.title)}</h1><p class="meta">{meta}</p><nav>{nav}</nav>{body}'
-            f"<footer>{html.escape(NOTES)}</footer></body></html>\n")
+    page = render_page("report.html.jinja", title=data.title, data=data, sections=sections, images=images,
+                       notes=NOTES, methods=", ".join(_label(m) for m in data.methods), commit=commit[:12],
+                       when=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     write_text_atomic(path, page)
     return path

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from qprobe.config import parse_config
+from qprobe.defects import names
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +91,15 @@ def _corpus(seed: int, samples: int = 300) -> Iterator[str]:
     from qprobe.agent import protocol
 
     rng = random.Random(seed)
-    yield protocol.SYSTEM_PROMPT
-    yield " ".join(protocol.DEFECT_TYPES) + " 0 1 2 3 4 5 6 7 8 9 score defects bbox_2d type crop name arguments"
+    yield protocol.system_prompt()
+    yield " ".join(names()) + " 0 1 2 3 4 5 6 7 8 9 score defects bbox_2d type crop name arguments"
     for _ in range(samples):
         w, h = rng.randrange(28, 2000, 28), rng.randrange(28, 2000, 28)
         ow, oh = w * rng.randint(1, 4), h * rng.randint(1, 4)
         box = sorted(rng.sample(range(w), 2)) + sorted(rng.sample(range(h), 2))
         view_box = (box[0], box[2], box[1], box[3])
         original = tuple(v * ow // w if i % 2 == 0 else v * oh // h for i, v in enumerate(view_box))
-        defects = [protocol.Defect(bbox=view_box, type=rng.choice(protocol.DEFECT_TYPES))
+        defects = [protocol.Defect(bbox=view_box, type=rng.choice(names()))
                    for _ in range(rng.randint(0, 2))]
         yield protocol.user_prompt((w, h), (ow, oh), rng.randint(1, 4))
         yield protocol.region_line(view_box, original, (ow, oh), (w, h))

@@ -26,7 +26,6 @@ Run it::
 from __future__ import annotations
 
 import base64
-import html
 import io
 import logging
 import math
@@ -40,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 from qprobe.agent import protocol
@@ -48,8 +47,10 @@ from qprobe.agent.crop import CropTool, global_view
 from qprobe.bench.texture import TextureMap, texture_map
 from qprobe.config import parse_config, to_flat_dict
 from qprobe.data.manifest import image_path, read_manifest
+from qprobe.draw import CROP, TRUTH, Mark, css_colour, draw_marks, fit
 from qprobe.errors import QProbeError
 from qprobe.io import check_out_vs_in, load_image, write_json_atomic, write_text_atomic
+from qprobe.pages import render_page
 from qprobe.trajectories import composer
 from qprobe.trajectories.config import TrajectoriesConfig
 from qprobe.trajectories.planner import plan_crops
@@ -345,45 +346,42 @@ def _stage1(cfg: TrajectoriesConfig, rows: list[dict[str, Any]], manifest_path: 
             for i in tqdm(picks, desc="stage1", unit="image")]
 
 
-def _thumb(image: Image.Image, boxes: Sequence[tuple[Sequence[float], str]] = (), side: int = 360) -> str:
-    image = image.copy()
-    draw = ImageDraw.Draw(image)
-    for box, colour in boxes:
-        draw.rectangle(list(box), outline=colour, width=max(2, image.size[0] // 150))
-    image.thumbnail((side, side))
+def _thumb(image: Image.Image, marks: Sequence[Mark] = (), scale: float = 1.0, side: int = 360) -> str:
+    """``image`` fitted into ``side``, ``marks`` drawn (their boxes times ``scale``), as a data URL."""
+    image, fitted = fit(image, side)
+    draw_marks(image, marks, scale=scale * fitted)
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def samples_html(sft: list[dict[str, Any]], n: int) -> str:
-    """A self-contained page of sample trajectories: images with crop boxes beside the text."""
+    """A self-contained page of sample trajectories (``templates/samples.html.jinja``): images with the
+    crop and true defect boxes beside each turn's text."""
     high = [s for s in sft if s["kind"] == "high"][: max(1, n - 1)]
     low = [s for s in sft if s["kind"] == "low"][:1]
-    parts = ["<!doctype html><meta charset='utf-8'><title>Probe-CoT samples</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
-             ".turn{display:flex;gap:12px;margin:6px 0}.role{width:80px;font-weight:bold}"
-             "pre{white-space:pre-wrap;margin:0}img{border:1px solid #ccc}</style>",
-             "<h1>Probe-CoT sample trajectories</h1><p>Green: crops; red: defects (global-view pixels).</p>"]
+    samples = []
     for s in high + low:
-        parts.append(f"<h2>{html.escape(s['id'])} ({s['kind']} resolution, MOS {s['mos']:.2f})</h2>")
         images = iter(sample_images(s))
+        turns = []
         for m in s["messages"]:
             cells = []
             for block in m["content"]:
                 if block["type"] == "image":
                     img = next(images)
-                    boxes = []
+                    marks = []
                     if m["role"] == "user" and s["kind"] == "high":
-                        ratio = img.size[0] / s["width"]
-                        boxes = [([v * ratio for v in c], "lime") for c in s["crops"]]
-                        boxes += [([v * ratio for v in d], "red") for d in s["defects"]]
-                    cells.append(f"<img src='{_thumb(img, boxes)}'>")
+                        marks = [*(Mark(c, CROP) for c in s["crops"]),
+                                 *(Mark(d, TRUTH) for d in s["defects"])]
+                    cells.append({"image": _thumb(img, marks, scale=img.size[0] / s["width"])})
                 elif m["role"] != "system":
-                    cells.append(f"<pre>{html.escape(block['text'] or '')}</pre>")
+                    cells.append({"text": block["text"] or ""})
             if cells:
-                parts.append(f"<div class='turn'><div class='role'>{m['role']}</div><div>{''.join(cells)}</div></div>")
-    return "\n".join(parts)
+                turns.append({"role": m["role"], "cells": cells})
+        samples.append({"id": s["id"], "kind": s["kind"], "mos": s["mos"], "turns": turns})
+    legend = [(css_colour(CROP), "crops"), (css_colour(TRUTH), "true defects (global-view pixels)")]
+    return render_page("samples.html.jinja", title="Probe-CoT sample trajectories", legend=legend,
+                       samples=samples)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

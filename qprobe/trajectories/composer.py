@@ -5,7 +5,8 @@ regions worth a closer look, *local scrutiny* of each crop, and a *critical chec
 crop shows against its pristine surround and the whole scene (bokeh is not blur; grain that runs
 through the whole photo is not a local defect; zooming in does not mean something is wrong).
 
-Phrasing comes from a seeded bank of templates, so the same seed gives the same text. The text only
+Phrasing comes from a seeded bank of templates, so the same seed gives the same text; how each
+defect type looks and what it could be mistaken for are in its registry entry (:mod:`qprobe.defects`). The text only
 says what the model can see: the location in words, the extent, the texture, how strong the artefact
 looks. It never states hidden numbers (severity levels, MOS, file names or ids).
 """
@@ -16,33 +17,10 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from qprobe.defects import TYPES
+
 # How strong an artefact looks, by the bench's severity 1-5 (words, never the number).
 STRENGTH = {1: "faint", 2: "mild", 3: "clear", 4: "strong", 5: "severe"}
-
-LOOK = {
-    "blur": ["edges smeared and fine texture washed out", "detail dissolved into a soft smear",
-             "lost micro-contrast, the texture reduced to a soft wash"],
-    "noise": ["a grainy speckle laid over the texture", "random luminance and colour speckle",
-              "a noisy, sandpaper-like grain that is not in the rest of the scene"],
-    "jpeg": ["8x8 blocking and mosquito noise around edges", "blocky compression artefacts with ragged edges",
-             "visible block boundaries and smeared chroma typical of heavy compression"],
-    "ringing": ["halos and overshoot along edges", "bright and dark ripples echoing each edge",
-                "over-sharpened edges with ringing halos"],
-    "pixelation": ["stair-stepped, blocky detail as if upsampled from a much lower resolution",
-                   "coarse square pixels where fine detail should be", "a mosaic of enlarged pixels"],
-    "banding": ["flat steps of colour where tones should change smoothly", "posterised bands replacing gradients",
-                "contour lines of quantised colour"],
-}
-
-# What each artefact could be confused with, and why the surround rules it out.
-CONFOUND = {
-    "blur": "shallow depth of field, but the pixels right around it, at the same distance, stay sharp",
-    "noise": "natural grain or sensor noise, but it stops at a boundary while the rest of the photo is clean",
-    "jpeg": "a regular texture, but the grid aligns with nothing in the scene and ends abruptly",
-    "ringing": "strong natural contrast, but the halos repeat in parallel bands unlike any real edge",
-    "pixelation": "a coarse texture in the subject, but the squares are axis-aligned and equal in size",
-    "banding": "a smooth gradient in the scene, but the steps are discrete and the surround is continuous",
-}
 
 # Every trajectory opens by restating what the prompt says about resolution, so the choice between a
 # crop and an answer follows from the model's own words rather than from a prompt far back.
@@ -172,8 +150,8 @@ def scrutiny(crop: CropFacts, width: int, height: int, rng: random.Random) -> st
         where = where_in_image(box, width, height)
         area = (box[2] - box[0]) * (box[3] - box[1]) / (width * height)
         parts.append(rng.choice(LOCAL_DEFECT).format(
-            texture=texture, where=where, strength=STRENGTH[int(severity)], kind=kind, look=rng.choice(LOOK[kind])))
-        parts.append(rng.choice(CRITICAL_DEFECT).format(confound=CONFOUND[kind], kind=kind,
+            texture=texture, where=where, strength=STRENGTH[int(severity)], kind=kind, look=rng.choice(TYPES[kind].looks)))
+        parts.append(rng.choice(CRITICAL_DEFECT).format(confound=TYPES[kind].confound, kind=kind,
                                                         extent=extent_words(area).strip()))
     return " ".join(parts)
 
@@ -193,6 +171,6 @@ def low_res_impression(mos: float, defects: Sequence[tuple[str, int, Sequence[fl
              "I can judge it as a whole without cropping."]
     for kind, severity, box in defects:
         parts.append(f"There is {STRENGTH[int(severity)]} {kind} at the {where_in_image(box, width, height)}: "
-                     f"{rng.choice(LOOK[kind])}.")
+                     f"{rng.choice(TYPES[kind].looks)}.")
     parts.append(verdict(mos, len(defects)))
     return " ".join(parts)
