@@ -19,7 +19,7 @@ import os
 import posixpath
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -59,6 +59,41 @@ def outside_folder(relpath: str) -> str | None:
     if normal == ".." or normal.startswith("../"):
         return "leaves the folder"
     return None
+
+
+OWNER_FILE = ".qprobe-owner"  # in a folder a command writes whole: which command wrote it
+
+
+class ForeignFolderError(QProbeError, ValueError):
+    """An output folder holding files the command cannot prove it wrote."""
+
+
+def check_owned(folder: str | Path, command: str, known: Iterable[str] = ()) -> None:
+    """Refuse to replace or prune ``folder`` unless ``command`` can prove it wrote what is there.
+
+    Proof is one of: the folder is absent or empty; it carries :data:`OWNER_FILE` naming ``command``
+    (:func:`mark_owned`); or every entry in it is one of the ``known`` names the command writes (a
+    folder from before owner files). Anything else is somebody's data, and the command stops before
+    writing, with a one-line error.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        if folder.exists():
+            raise ForeignFolderError(f"{folder}: not a folder; `qprobe {command}` writes a folder there "
+                                     "(nothing was written)")
+        return
+    owner = folder / OWNER_FILE
+    if owner.is_file() and owner.read_text().strip() == command:
+        return
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in set(known))
+    if foreign:
+        raise ForeignFolderError(f"{folder}: holds files `qprobe {command}` did not write (e.g. {foreign[0]}); "
+                                 "choose a new or empty output folder (nothing was written or deleted)")
+
+
+def mark_owned(folder: str | Path, command: str) -> None:
+    """Record in ``folder`` that ``command`` wrote it, so a later run may replace it (:func:`check_owned`)."""
+    write_text_atomic(Path(folder) / OWNER_FILE, command + "\n")
 
 
 def check_out_vs_in(out: str | Path, *inputs: str | Path | None, what: str) -> None:

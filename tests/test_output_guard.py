@@ -74,3 +74,43 @@ def test_score_checks_viz_too(user_folder, tmp_path, monkeypatch, capsys):
     assert cli.main(["score", str(user_folder), "--out", str(tmp_path / "out"), "--viz", str(user_folder)]) == 2
     assert f"--viz {user_folder}: is the input folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["trajectories", "evaluate"])
+def test_an_out_folder_holding_someone_elses_files_is_refused_untouched(command, tmp_path, monkeypatch, capsys):
+    """Trajectories replaces its folder whole and evaluate prunes its plots: neither touches a folder it did
+    not write, even one whose entries share the names it writes."""
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+    out = tmp_path / "mine"
+    (out / "plots").mkdir(parents=True)
+    (out / "plots" / "holiday.png").write_bytes(b"not yours")
+    (out / "notes.txt").write_text("my notes\n")
+    before = tree_digest(out)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    assert cli.main(_command(command, inputs, out, params)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"qprobe {command}: error: {out}: holds files `qprobe {command}` did not write (e.g. notes.txt); "
+                   "choose a new or empty output folder (nothing was written or deleted)")
+    assert tree_digest(out) == before
+
+
+def test_a_folder_the_command_wrote_is_its_own_to_replace(tmp_path):
+    from qprobe.io import OWNER_FILE, ForeignFolderError, check_owned, mark_owned
+
+    out = tmp_path / "sets"
+    check_owned(out, "trajectories")  # absent
+    out.mkdir()
+    check_owned(out, "trajectories")  # empty
+    (out / "sft").mkdir()
+    check_owned(out, "trajectories", known=("sft",))  # only names the command writes
+    (out / "notes.txt").write_text("x")
+    with pytest.raises(ForeignFolderError):
+        check_owned(out, "trajectories", known=("sft",))
+    mark_owned(out, "trajectories")
+    assert (out / OWNER_FILE).read_text() == "trajectories\n"
+    check_owned(out, "trajectories")  # marked: the whole folder is the command's
+    with pytest.raises(ForeignFolderError):
+        check_owned(out, "evaluate")  # another command's folder is not evaluate's

@@ -24,6 +24,9 @@ from qprobe.config import to_flat_dict
 from qprobe.eval.probes import ProbeResult
 from qprobe.io import write_json_atomic, write_text_atomic
 
+# Every name `qprobe evaluate` writes in its output folder (the report included).
+OUTPUT_NAMES = ("report.html", "predictions.csv", "plots", "traces.jsonl", "probes.json")
+
 
 def flat_metrics(nested: dict[str, dict[str, dict]], probe_results: dict[str, dict[str, ProbeResult]],
                  extra: dict[str, float]) -> dict[str, float | None]:

@@ -53,12 +53,12 @@ from qprobe.config import parse_config, to_flat_dict
 from qprobe.errors import QProbeError
 from qprobe.eval.config import MODEL, EvaluateConfig
 from qprobe.eval.curves import training_curves
-from qprobe.eval.outputs import flat_metrics, write_probes, write_tables, write_traces
+from qprobe.eval.outputs import OUTPUT_NAMES, flat_metrics, write_probes, write_tables, write_traces
 from qprobe.eval.probes import ProbeResult, run_probes
 from qprobe.eval.report import ReportData, write_figures, write_report
 from qprobe.eval.scoring import load_sets, make_scorers, score_sets
 from qprobe.eval.summary import all_metrics
-from qprobe.io import check_out_vs_in, write_json_atomic
+from qprobe.io import check_out_vs_in, check_owned, mark_owned, write_json_atomic
 
 
 @dataclass
@@ -75,11 +75,15 @@ class Evaluation:
 def evaluate(cfg: EvaluateConfig, backend: Backend | None = None) -> Evaluation:
     """Run the whole evaluation of ``cfg`` (see the module docstring); ``backend`` replaces ``cfg.model``."""
     start = time.perf_counter()
+    # Evaluate prunes its own plots in its folder: the folder must be one this command wrote.
+    check_owned(cfg.out, "evaluate", known=OUTPUT_NAMES)
     sets = load_sets(cfg)  # bad manifests fail before the model loads
     if backend is None:
         backend = make_backend(cfg.model, served_model=cfg.served_model, connect_timeout=cfg.connect_timeout,
                                read_timeout=cfg.read_timeout)
     out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mark_owned(out, "evaluate")
     shutil.rmtree(out / "plots", ignore_errors=True)  # no figure of an earlier run survives into this one
     scorers = make_scorers(cfg, backend)
     traces: list[dict[str, Any]] = []

@@ -49,7 +49,14 @@ from qprobe.config import parse_config, to_flat_dict
 from qprobe.data.manifest import image_path, read_manifest
 from qprobe.draw import CROP, TRUTH, Mark, css_colour, draw_marks, fit
 from qprobe.errors import QProbeError
-from qprobe.io import check_out_vs_in, load_image, write_json_atomic, write_text_atomic
+from qprobe.io import (
+    check_out_vs_in,
+    check_owned,
+    load_image,
+    mark_owned,
+    write_json_atomic,
+    write_text_atomic,
+)
 from qprobe.pages import render_page
 from qprobe.trajectories import composer
 from qprobe.trajectories.config import TrajectoriesConfig
@@ -292,6 +299,9 @@ def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
     from datasets import Dataset
 
     root = root or Path.cwd()
+    out = Path(cfg.out)
+    # The finished sets replace the whole folder: it must be one this command wrote.
+    check_owned(out, "trajectories", known=(*SETS, "samples.html"))
     manifest = read_manifest(cfg.bench)
     manifest_path = Path(manifest.attrs["path"])
     rows = _training_rows(manifest, cfg.train_splits)
@@ -316,13 +326,13 @@ def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
                                                  total=len(rl_picks), desc="probe-rl", unit="prompt")]
     stage1 = _stage1(cfg, rows, manifest_path, rng)
 
-    out = Path(cfg.out)
     validate_sets(cfg, manifest, sft=pd.DataFrame(sft), rl=pd.DataFrame(rl), stage1=pd.DataFrame(stage1))
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     for name, records in (("stage1", stage1), ("sft", sft), ("rl", rl)):
         Dataset.from_list(records, features=_sft_features() if name == "sft" else None).save_to_disk(str(staging / name))
     write_text_atomic(staging / "samples.html", samples_html(sft, cfg.samples_html))
+    mark_owned(staging, "trajectories")
     # Swap in the finished folder in one rename, so a killed run never leaves a half-written set.
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
