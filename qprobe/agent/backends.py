@@ -27,7 +27,7 @@ import io
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -279,3 +279,28 @@ def make_backend(spec: str, *, served_model: str | None = None, connect_timeout:
         return OpenAIBackend(spec, model=served_model, connect_timeout=connect_timeout, read_timeout=read_timeout,
                              max_retries=max_retries)
     return TransformersBackend(spec)
+
+
+@dataclass
+class EndpointArgs:
+    """How a command reaches ``--model`` when it is an ``http(s)://`` endpoint: the fields its config shares."""
+
+    served_model: str | None = field(default=None, metadata={
+        "help": "model name on the server (default: the first one it lists)"})
+    connect_timeout: float = field(default=DEFAULT_CONNECT_TIMEOUT, metadata={
+        "help": "seconds to wait for a connection to the endpoint, per attempt"})
+    read_timeout: float = field(default=DEFAULT_READ_TIMEOUT, metadata={
+        "help": "seconds to wait for the endpoint's answer to one request; a timed-out request is not retried"})
+    retries: int = field(default=DEFAULT_RETRIES, metadata={
+        "help": "retries of a failed connection or a 429/5xx answer, with exponential backoff from 1 s"})
+
+    def __post_init__(self) -> None:
+        if not (self.connect_timeout > 0 and self.read_timeout > 0):
+            raise ValueError(f"timeouts must be > 0, got connect {self.connect_timeout}, read {self.read_timeout}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be at least 0, got {self.retries}")
+
+    def backend(self, spec: str) -> Backend:
+        """The backend for ``spec`` (the command's ``--model``), reached with these settings."""
+        return make_backend(spec, served_model=self.served_model, connect_timeout=self.connect_timeout,
+                            read_timeout=self.read_timeout, max_retries=self.retries)

@@ -30,7 +30,7 @@ from typing import Any
 
 from PIL import Image
 
-from qprobe.agent.backends import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_RETRIES
+from qprobe.agent.backends import EndpointArgs
 from qprobe.agent.crop import DEFAULT_CROP_MAX_PIXELS, DEFAULT_GLOBAL_MAX_PIXELS, budget_size
 from qprobe.config import build_parser, parse_config
 from qprobe.draw import CROP, PREDICTION, Mark, draw_marks, fit
@@ -52,11 +52,9 @@ VIZ_MAX_SIDE = 1600
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(EndpointArgs):
     model: str = field(default="models/base", metadata={
         "help": "Qwen2.5-VL checkpoint folder, or the http(s):// base URL of an OpenAI-compatible server"})
-    served_model: str | None = field(default=None, metadata={
-        "help": "model name on the server (default: the first one it lists)"})
     json: bool = field(default=False, metadata={"help": "print one JSON object per photo"})
     viz: str | None = field(default=None, metadata={"help": "folder to write each photo with its boxes drawn"})
     out: str | None = field(default=None, metadata={
@@ -71,23 +69,16 @@ class ScoreConfig:
     max_new_tokens: int = field(default=1024, metadata={"help": "tokens the model may generate per photo, all turns"})
     max_image_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
         "help": "refuse photos with more pixels than this (decompression bombs)"})
-    connect_timeout: float = field(default=DEFAULT_CONNECT_TIMEOUT, metadata={
-        "help": "seconds to wait for a connection to the endpoint, per attempt"})
-    read_timeout: float = field(default=DEFAULT_READ_TIMEOUT, metadata={
-        "help": "seconds to wait for the endpoint's answer to one request; a timed-out request is not retried"})
-    retries: int = field(default=DEFAULT_RETRIES, metadata={
-        "help": "retries of a failed connection or a 429/5xx answer, with exponential backoff from 1 s"})
 
     def __post_init__(self) -> None:
-        minimums = {"max_crops": 0, "retries": 0, "max_new_tokens": 1, "global_max_pixels": 1,
+        super().__post_init__()
+        minimums = {"max_crops": 0, "max_new_tokens": 1, "global_max_pixels": 1,
                     "crop_max_pixels": 1, "max_image_pixels": 1}
         for name, minimum in minimums.items():
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be at least {minimum}, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not (self.connect_timeout > 0 and self.read_timeout > 0):
-            raise ValueError(f"timeouts must be > 0, got connect {self.connect_timeout}, read {self.read_timeout}")
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[ScoreConfig, list[Path]]:
@@ -201,7 +192,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
-    from qprobe.agent.backends import make_backend
     from qprobe.agent.rollout import RolloutConfig, rollout
 
     cfg, paths = _parse(argv)
@@ -215,8 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not batch:
         _load(files[0], cfg)  # a bad single photo fails before the model loads
     hf_logging.disable_progress_bar()
-    backend = make_backend(cfg.model, served_model=cfg.served_model, connect_timeout=cfg.connect_timeout,
-                           read_timeout=cfg.read_timeout, max_retries=cfg.retries)
+    backend = cfg.backend(cfg.model)
     settings = RolloutConfig(global_max_pixels=cfg.global_max_pixels, crop_max_pixels=cfg.crop_max_pixels,
                              max_crops=cfg.max_crops, max_new_tokens=cfg.max_new_tokens,
                              temperature=cfg.temperature, seed=cfg.seed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qprobe.agent.backends import DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
+from qprobe.agent.backends import EndpointArgs
 from qprobe.agent.crop import DEFAULT_CROP_MAX_PIXELS, DEFAULT_GLOBAL_MAX_PIXELS
 from qprobe.agent.rollout import RolloutConfig
 from qprobe.io import DEFAULT_MAX_PIXELS
@@ -21,17 +21,11 @@ TRAINING_STAGES = ("stage1", "stage2", "stage3")
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(EndpointArgs):
     """Parameters of ``qprobe evaluate`` (the ``evaluate:`` section of ``params.yaml``)."""
 
     model: str = field(default="models/stage3", metadata={
         "help": "Qwen2.5-VL checkpoint folder, or the http(s):// base URL of an OpenAI-compatible server"})
-    served_model: str | None = field(default=None, metadata={
-        "help": "model name on the server (default: the first one it lists)"})
-    connect_timeout: float = field(default=DEFAULT_CONNECT_TIMEOUT, metadata={
-        "help": "seconds to wait for a connection to the endpoint, per attempt"})
-    read_timeout: float = field(default=DEFAULT_READ_TIMEOUT, metadata={
-        "help": "seconds to wait for the endpoint's answer to one request; a timed-out request is not retried"})
     data: list[str] = field(default_factory=lambda: ["data/bench"], metadata={
         "help": "manifests to evaluate on (files, or folders holding manifest.parquet), several after one --data; "
                 "any manifest with a mos column"})
@@ -75,6 +69,7 @@ class EvaluateConfig:
         "help": "refuse images with more pixels than this (decompression bombs)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise ValueError(f"unknown baseline {unknown[0]!r} (known: {', '.join(BASELINES)})")
@@ -101,8 +96,6 @@ class EvaluateConfig:
             raise ValueError(f"repeat_runs must be at least 2, got {self.repeat_runs}")
         if self.temperature < 0 or self.repeat_temperature < 0:
             raise ValueError("temperatures must be >= 0")
-        if not (self.connect_timeout > 0 and self.read_timeout > 0):
-            raise ValueError(f"timeouts must be > 0, got connect {self.connect_timeout}, read {self.read_timeout}")
 
     @property
     def methods(self) -> list[str]:

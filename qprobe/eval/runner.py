@@ -48,7 +48,7 @@ from typing import Any
 
 import pandas as pd
 
-from qprobe.agent.backends import Backend, make_backend
+from qprobe.agent.backends import Backend
 from qprobe.config import parse_config, to_flat_dict
 from qprobe.errors import QProbeError
 from qprobe.eval.config import MODEL, EvaluateConfig
@@ -79,8 +79,7 @@ def evaluate(cfg: EvaluateConfig, backend: Backend | None = None) -> Evaluation:
     check_owned(cfg.out, "evaluate", known=OUTPUT_NAMES)
     sets = load_sets(cfg)  # bad manifests fail before the model loads
     if backend is None:
-        backend = make_backend(cfg.model, served_model=cfg.served_model, connect_timeout=cfg.connect_timeout,
-                               read_timeout=cfg.read_timeout)
+        backend = cfg.backend(cfg.model)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     mark_owned(out, "evaluate")
