@@ -14,9 +14,22 @@ from typing import Any
 
 import mlflow
 
+from qprobe.bench.synthesize import BenchConfig, synthesize
 from qprobe.train import common
+from qprobe.trajectories.build import TrajectoriesConfig, build
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def bench_and_trajectories(root: Path, num_images: int, sft_size: int, rl_size: int,
+                           pristine_fraction: float = 0.15) -> Path:
+    """A bench of ``num_images`` from the bundled photos under ``root/bench``, its sets under ``root/traj``."""
+    synthesize(BenchConfig(source="skimage", out=str(root / "bench"), metrics=str(root / "bench.json"),
+                           num_images=num_images, contact_sheet_size=0, pristine_fraction=pristine_fraction),
+               progress=False)
+    build(TrajectoriesConfig(bench=str(root / "bench"), out=str(root / "traj"), metrics=str(root / "t.json"),
+                             sft_size=sft_size, rl_size=rl_size))
+    return root
 
 
 def latest_run() -> Any:

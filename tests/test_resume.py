@@ -15,14 +15,12 @@ import mlflow
 import pytest
 import torch
 import yaml
-from fixtures_train import latest_run, train, train_killed
+from fixtures_train import bench_and_trajectories, latest_run, train, train_killed
 from safetensors.torch import load_file, save_file
 
-from qprobe.bench.synthesize import BenchConfig, synthesize
 from qprobe.errors import QProbeError
 from qprobe.models.factory import load_model
 from qprobe.train.common import last_checkpoint, load_checkpoint_weights
-from qprobe.trajectories.build import TrajectoriesConfig, build
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,12 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bench of 14 photos and its trajectories (stage 2 trains on the 6 Probe-CoT samples)."""
-    root = tmp_path_factory.mktemp("data")
-    synthesize(BenchConfig(source="skimage", out=str(root / "bench"), metrics=str(root / "bench.json"),
-                           num_images=14, contact_sheet_size=0, pristine_fraction=0.2), progress=False)
-    build(TrajectoriesConfig(bench=str(root / "bench"), out=str(root / "traj"), metrics=str(root / "t.json"),
-                             sft_size=6, rl_size=4))
-    return root
+    return bench_and_trajectories(tmp_path_factory.mktemp("data"), num_images=14, sft_size=6, rl_size=4,
+                                  pristine_fraction=0.2)
 
 
 # Stage 2's embedded default shrunk to seconds: 6 steps, a checkpoint every 2 (the resume point), more

@@ -9,22 +9,16 @@ from typing import Any
 import mlflow
 import pytest
 import yaml
-from fixtures_train import KilledAfterStep2, latest_run
+from fixtures_train import KilledAfterStep2, bench_and_trajectories, latest_run
 
-from qprobe.bench.synthesize import BenchConfig, synthesize
 from qprobe.io import content_hash
 from qprobe.models.factory import load_model
 from qprobe.train import common, stage1
-from qprobe.trajectories.build import TrajectoriesConfig, build
 
 
 @pytest.fixture(scope="module")
 def stage1_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    synthesize(BenchConfig(source="skimage", out=str(root / "bench"), metrics=str(root / "bench.json"),
-                           num_images=7, contact_sheet_size=0), progress=False)
-    build(TrajectoriesConfig(bench=str(root / "bench"), out=str(root / "traj"), metrics=str(root / "t.json"),
-                             sft_size=3, rl_size=1))
+    root = bench_and_trajectories(tmp_path_factory.mktemp("data"), num_images=7, sft_size=3, rl_size=1)
     return root / "traj" / "stage1"
 
 

@@ -10,14 +10,13 @@ import mlflow
 import pytest
 import yaml
 from datasets import load_from_disk
+from fixtures_train import bench_and_trajectories
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from qprobe.bench.synthesize import BenchConfig, synthesize
 from qprobe.errors import QProbeError
 from qprobe.models.factory import load_model
 from qprobe.train import stage2
 from qprobe.train.common import check_pixel_budgets, row_images, stage_processor
-from qprobe.trajectories.build import TrajectoriesConfig, build
 
 BUDGET = 50176  # the trajectories stage's default budgets, global view and crops
 
@@ -25,12 +24,8 @@ BUDGET = 50176  # the trajectories stage's default budgets, global view and crop
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bench of 14 photos (2 in the val split) and its trajectories."""
-    root = tmp_path_factory.mktemp("data")
-    synthesize(BenchConfig(source="skimage", out=str(root / "bench"), metrics=str(root / "bench.json"),
-                           num_images=14, contact_sheet_size=0, pristine_fraction=0.2), progress=False)
-    build(TrajectoriesConfig(bench=str(root / "bench"), out=str(root / "traj"), metrics=str(root / "t.json"),
-                             sft_size=6, rl_size=6))
-    return root
+    return bench_and_trajectories(tmp_path_factory.mktemp("data"), num_images=14, sft_size=6, rl_size=6,
+                                  pristine_fraction=0.2)
 
 
 @pytest.fixture(scope="module")
