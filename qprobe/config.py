@@ -210,14 +210,26 @@ def parse_config(
             raise ConfigError(f"{params_path}: section {section!r} must be a mapping")
         base = dict(base)
     hints = typing.get_type_hints(cls)
+    given: set[str] = set()
     for f in dataclasses.fields(cls):
         raw = getattr(args, f.name, None)
         if raw is None:
             continue
         flag = "--" + f.name.replace("_", "-")
         base[f.name] = raw if isinstance(raw, bool) else _parse_flag(raw, hints[f.name], flag)
+        given.add(f.name)
+    if "out" in given and "metrics" not in given and "metrics" in {f.name for f in dataclasses.fields(cls)}:
+        # An output sent elsewhere takes its metrics along: metrics/*.json are the pipeline's (DVC's),
+        # and an ad-hoc run must leave `dvc status` as it was.
+        base["metrics"] = metrics_beside(base["out"])
     where = f"{params_path}:{section}" if section else cls.__name__
     return from_dict(cls, base, where)
+
+
+def metrics_beside(out: str | Path) -> str:
+    """Where a command given ``--out OUT`` (and no ``--metrics``) writes its metrics: ``OUT.metrics.json``."""
+    out = Path(out)
+    return str(out.with_name(out.name + ".metrics.json"))
 
 
 def to_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,3 +157,16 @@ def test_cli_config_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     assert cli_main(["profile", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("qprobe profile: error:") and "\n" not in err
+
+
+def test_an_out_elsewhere_takes_its_metrics_along(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   tiny_photos: Path) -> None:
+    """`qprobe bench --out X` (the README's example) leaves the pipeline's metrics/bench.json alone."""
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "--source", str(tiny_photos), "--num-images", "2", "--contact-sheet-size", "0"]
+    assert cli_main([*args, "--out", "data/mybench"]) == 0
+    assert json.loads((tmp_path / "data" / "mybench.metrics.json").read_text())["images"] == 2
+    assert not (tmp_path / "metrics").exists()
+    assert cli_main([*args, "--out", "data/other", "--metrics", "m.json"]) == 0
+    assert (tmp_path / "m.json").is_file() and not (tmp_path / "data" / "other.metrics.json").exists()
