@@ -44,7 +44,7 @@ def test_grpo_run_is_killed_resumes_and_saves(tmp_path: Path, tiny_model_dir: Pa
             run(tmp_path, tiny_model_dir, stage1_set)
     (run_dir,) = list((tmp_path / "checkpoints").iterdir())
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
-    assert not (tmp_path / "model").exists() and latest_run().info.status == "FAILED"
+    assert not (tmp_path / "model").exists() and latest_run().info.status == "KILLED"  # a Ctrl-C: killed, not failed
 
     # The rerun continues from checkpoint-2: its run logs steps 3 and 4 only.
     metrics = run(tmp_path, tiny_model_dir, stage1_set)
