@@ -18,6 +18,10 @@ leniency is unambiguous (a missing ``<think>``, whitespace inside tags, a missin
 :func:`format_failure` is the strict check behind the format reward. Both run in time linear in the
 text (plain scans for the tags, no backtracking regex): a runaway generation of 100,000 characters
 costs milliseconds, not minutes, inside a GRPO step.
+
+The module is long on purpose: it is the one home of every protocol rule (the form of a box, the
+split of a turn, the crop budget's refusal, the tool turn's framing), so no caller restates one
+(docs/architecture.md, The protocol).
 """
 
 from __future__ import annotations
