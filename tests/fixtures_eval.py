@@ -1,8 +1,10 @@
-"""Helpers for the evaluation tests: a scripted backend that follows the protocol, and a tiny bench."""
+"""Helpers for the evaluation and rollout tests: a scripted backend that follows the protocol, a backend that
+replays fixed turns, and a tiny bench."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,24 @@ class ScriptedBackend:
             text = render_turn("The centre is soft.", render_answer(score, [Defect(box, "blur")]))
         return Generation(text=text, prompt_tokens=200 + 10 * len(messages), completion_tokens=20,
                           finish_reason="stop", seconds=0.001)
+
+
+class Replay:
+    """A backend that replays fixed turns, and records what it was shown."""
+
+    name = "replay"
+
+    def __init__(self, texts: list[str], finish: str = "stop") -> None:
+        self._texts: Iterator[str] = iter(texts)
+        self.finish = finish
+        self.calls: list[tuple[list[dict[str, Any]], int]] = []
+
+    def generate(self, messages: list[dict[str, Any]], *, max_new_tokens: int, temperature: float = 0.0,
+                 seed: int = 0) -> Generation:
+        self.calls.append((list(messages), max_new_tokens))
+        text = next(self._texts)
+        return Generation(text=text, prompt_tokens=100, completion_tokens=min(10, max_new_tokens),
+                          finish_reason=self.finish, seconds=0.0)
 
 
 def make_bench(out: Path, num_images: int = 8) -> Path:

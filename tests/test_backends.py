@@ -174,6 +174,23 @@ def test_consecutive_tool_messages_share_one_user_turn() -> None:
                      "\n<tool_response>\n", None, "Region A", "\n</tool_response>"]
 
 
+def test_openai_messages_render_as_the_package_template_renders_the_conversation() -> None:
+    """What a server given --chat-template qprobe/agent/chat_template.jinja renders: the same text as
+    the protocol messages (images as image_url blocks, which the template draws as the same tokens)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from qprobe.agent import protocol
+
+    crop = [{"type": "image", "image": Image.new("RGB", (28, 28))}, {"type": "text", "text": "Region A"}]
+    messages = [*protocol.global_turn(Image.new("RGB", (56, 28)), (560, 280), 2), protocol.assistant_turn(CALL),
+                protocol.tool_turn(crop), protocol.tool_turn([{"type": "text", "text": "error: spent"}]),
+                protocol.assistant_turn(ANSWER)]
+    sent = to_openai_messages(messages)
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user", "assistant"]
+    rendered, _ = render_jinja_template([messages, sent], chat_template=protocol.chat_template())
+    assert rendered[0] == rendered[1] and "</tool_response>\n<tool_response>\nerror: spent" in rendered[0]
+
+
 def test_local_backend_picks_cpu_float32_and_generates(tiny_model_dir: Path) -> None:
     backend = make_backend(str(tiny_model_dir))
     assert isinstance(backend, TransformersBackend)

@@ -178,3 +178,46 @@ def test_message_text_rebuilds_what_trl_parsed(message: dict) -> None:
     text = protocol.message_text(message)
     assert protocol.format_ok(text)
     assert text.startswith("<think>") and "</think>\n<" in text
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=80).filter(lambda t: "</think>\n" not in t), st.text(max_size=80))
+def test_split_turn_inverts_render_turn(think: str, action: str) -> None:
+    assert protocol.split_turn(protocol.render_turn(think, action)) == (think, action)
+
+
+@pytest.mark.parametrize("text", ["no tags", "<think>unclosed", "x<think>a</think>\nb", "<think>a</think> b"])
+def test_split_turn_refuses_text_render_turn_did_not_write(text: str) -> None:
+    with pytest.raises(ValueError, match="not a rendered turn"):
+        protocol.split_turn(text)
+
+
+@pytest.mark.parametrize("value", [[1, 2, 3], "[1, 2, 3, 4]", [1, 2, 3, "4"], [1, 2, 3, True], [1, 2, 3, float("nan")],
+                                   [1, 2, 3, 10**400], None, [1, 2, 3, 4]])
+def test_parser_and_crop_tool_read_a_box_alike(value: object) -> None:
+    from qprobe.agent.crop import Geometry
+
+    read = protocol.read_box(value)
+    text = f'<think>x</think>\n<tool_call>{json.dumps({"name": "crop", "arguments": {"bbox_2d": value}})}</tool_call>'
+    parsed = protocol.parse_assistant(text)
+    repaired = Geometry.for_size((560, 560), 560 * 560).repair(value)
+    if isinstance(read, str):
+        assert isinstance(parsed, ParseFailure) and parsed.kind is FailureKind.BAD_BOX and repaired == read
+    else:
+        assert isinstance(parsed, ToolCall) and parsed.bbox == read == (1.0, 2.0, 3.0, 4.0)
+        assert repaired == (0.0, 0.0, 28.0, 28.0)  # four numbers: the tool repairs the tiny box instead
+
+
+def test_tool_turn_limit_is_the_crops_and_one_refusal() -> None:
+    assert [protocol.tool_turn_limit(n) for n in (1, 3)] == [2, 4]
+
+
+def test_tool_response_frame_is_what_the_chat_template_renders() -> None:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    frame = protocol.tool_response_frame()
+    tool = {"role": "tool", "name": "crop", "content": "R"}
+    (rendered,), _ = render_jinja_template([[tool, tool]], chat_template=protocol.chat_template())
+    user = f"{frame.first_open}R{frame.close}{frame.next_open}R{frame.close}"
+    (as_user,), _ = render_jinja_template([[{"role": "user", "content": user}]], chat_template=protocol.chat_template())
+    assert rendered == as_user and "<tool_response>" in frame.first_open

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_eval import Replay
 from PIL import Image
 
-from qprobe.agent.backends import Generation, TransformersBackend
+from qprobe.agent.backends import TransformersBackend
 from qprobe.agent.protocol import (
     Answer,
     FailureKind,
@@ -79,23 +79,6 @@ def test_random_tiny_model_ends_cleanly(tiny_model_dir: Path) -> None:
     assert trace.to_dict()["failure"]["kind"] in {k.value for k in FailureKind}
 
 
-class Scripted:
-    """A backend that replays fixed turns; records what it was shown."""
-
-    name = "scripted"
-
-    def __init__(self, texts: list[str], finish: str = "stop") -> None:
-        self._texts: Iterator[str] = iter(texts)
-        self.finish = finish
-        self.calls: list[tuple[list[dict], int]] = []
-
-    def generate(self, messages, *, max_new_tokens, temperature=0.0, seed=0) -> Generation:
-        self.calls.append((list(messages), max_new_tokens))
-        text = next(self._texts)
-        return Generation(text=text, prompt_tokens=100, completion_tokens=min(10, max_new_tokens),
-                          finish_reason=self.finish, seconds=0.0)
-
-
 PHOTO = Image.new("RGB", (640, 480), "gray")
 SMALL = RolloutConfig(global_max_pixels=112 * 112, crop_max_pixels=112 * 112, max_crops=2, max_new_tokens=100)
 CROP = render_turn("look", render_tool_call([0, 0, 56, 56]))
@@ -103,7 +86,7 @@ ANSWER = render_turn("ok", render_answer(4.25))
 
 
 def test_crop_budget_gets_one_refusal_then_ends() -> None:
-    backend = Scripted([CROP] * 4)
+    backend = Replay([CROP] * 4)
     trace = rollout(backend, PHOTO, SMALL)
     assert trace.outcome == "crop_budget" and trace.score is None
     tools = [t for t in trace.turns if t.role == "tool"]
@@ -113,7 +96,7 @@ def test_crop_budget_gets_one_refusal_then_ends() -> None:
 
 
 def test_a_bad_box_is_a_tool_error_and_the_rollout_goes_on() -> None:
-    backend = Scripted([render_turn("x", render_tool_call([50, 50, 50, 90])), ANSWER])
+    backend = Replay([render_turn("x", render_tool_call([50, 50, 50, 90])), ANSWER])
     trace = rollout(backend, PHOTO, SMALL)
     assert trace.outcome == "answer" and trace.score == 4.25
     assert trace.turns[1].text.startswith("error:") and trace.turns[1].crop_size is None
@@ -124,26 +107,26 @@ def test_an_answer_box_with_reversed_corners_maps_to_an_ordered_original_box() -
     from qprobe.agent.protocol import Defect, format_failure
 
     text = render_turn("seen", render_answer(3.0, [Defect(bbox=(60, 50, 30, 20), type="blur")]))
-    trace = rollout(Scripted([text]), PHOTO, SMALL)  # 640x480 photo, 112x84 view: x and y scale by 40/7
+    trace = rollout(Replay([text]), PHOTO, SMALL)  # 640x480 photo, 112x84 view: x and y scale by 40/7
     assert trace.outcome == "answer" and format_failure(text).kind is FailureKind.BAD_BOX
     assert trace.defects_original() == [{"type": "blur", "bbox_view": [60, 50, 30, 20],
                                          "bbox_original": [171, 114, 343, 286]}]
 
 
 def test_token_budget_spans_all_turns() -> None:
-    backend = Scripted([CROP, CROP, CROP], finish="stop")
+    backend = Replay([CROP, CROP, CROP], finish="stop")
     trace = rollout(backend, PHOTO, RolloutConfig(global_max_pixels=112 * 112, max_crops=5, max_new_tokens=25))
     assert [budget for _, budget in backend.calls] == [25, 15, 5]
     assert trace.outcome == "token_budget" and trace.cost.generated_tokens == 25
 
 
 def test_truncated_output_is_a_token_budget_outcome_with_its_failure() -> None:
-    trace = rollout(Scripted(['<think>hm</think><answer>{"score": 3'], finish="length"), PHOTO, SMALL)
+    trace = rollout(Replay(['<think>hm</think><answer>{"score": 3'], finish="length"), PHOTO, SMALL)
     assert trace.outcome == "token_budget" and trace.failure is not None
     assert trace.failure.kind is FailureKind.UNCLOSED_TAG
 
 
 @pytest.mark.parametrize("text", ["the photo is nice", '<answer>{"score": 9}</answer>'])
 def test_out_of_protocol_answers_end_as_parse_failures(text: str) -> None:
-    trace = rollout(Scripted([text]), PHOTO, SMALL)
+    trace = rollout(Replay([text]), PHOTO, SMALL)
     assert trace.outcome == "parse_failure" and trace.score is None and len(trace.turns) == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -106,12 +105,10 @@ def test_crop_reaches_the_model_and_tool_turns_are_masked(tmp_path: Path, taught
 
     report.record = spy  # what R_format (and the report) get from trl
 
-    tool = functools.partial(CropTool, global_max_pixels=cfg.global_max_pixels, crop_max_pixels=cfg.crop_max_pixels,
-                             max_calls=cfg.max_crops)
     trainer = stage3.GRPOStageTrainer(model=str(taught_model.path), args=cfg,
                                  reward_funcs=stage3.reward_functions(cfg, report),
                                  train_dataset=Dataset.load_from_disk(str(taught_set)), processing_class=processor,
-                                 environment_factory=tool)
+                                 environment_factory=stage3.crop_environment(cfg))
     generations: list[Any] = []
     generate = trainer._generate_single_turn
 
@@ -158,6 +155,100 @@ def test_crop_reaches_the_model_and_tool_turns_are_masked(tmp_path: Path, taught
     assert logged["rollouts/tool_failure_rate"] == 0.0 and logged["rollouts/truncation_rate"] == 0.0
     assert logged["rollouts/crop_area"] == pytest.approx(320 * 320 / (640 * 480))
     assert logged["rewards/format_reward/mean"] == 1.0 and logged["rewards/localization/mean"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# One scripted model through both loops: inference's rollout and trl's tool loop agree turn for turn
+
+
+def scripted_turns(last: str) -> list[str]:
+    """Four crops (the 4th past a budget of 3, so refused), then ``last``: an answer, or a call after the refusal."""
+    boxes = [[0, 0, 56, 56], [56, 28, 112, 84], [10, 10, 20, 20], [28, 0, 84, 56]]
+    crops = [protocol.render_turn(f"look {i}", protocol.render_tool_call(box)) for i, box in enumerate(boxes)]
+    if last == "answer":
+        return [*crops, protocol.render_turn("soft", protocol.render_answer(3.25, [protocol.Defect((30, 20, 60, 50),
+                                                                                                  "blur")]))]
+    return [*crops, protocol.render_turn("again", protocol.render_tool_call([0, 0, 28, 28]))]
+
+
+def test_a_scripted_model_takes_the_same_turns_in_the_rollout_loop_and_in_trls_tool_loop(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    import numpy as np
+    from fixtures_eval import Replay
+    from PIL import Image as PILImage
+
+    from qprobe.agent.rollout import RolloutConfig, rollout
+
+    photo = PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    photo.save(tmp_path / "photo.png")
+    budget = 112 * 112  # 112x84 view of the 640x480 photo; crops of at most 112x112
+    cfg = config(tmp_path, model=str(tiny_model_dir), out=str(tmp_path / "model"), output_dir=str(tmp_path / "ckpt"),
+                 global_max_pixels=budget, crop_max_pixels=budget, max_crops=3, num_generations=2,
+                 per_device_train_batch_size=2, max_completion_length=1000, max_steps=1)
+    view, _ = global_view(photo, budget)
+    prompt = [{"role": m["role"], "name": None,
+               "content": [{"type": b["type"], "text": b.get("text")} for b in m["content"]]}
+              for m in protocol.global_turn(view, photo.size, cfg.max_crops)]
+    row = {"id": "photo", "source": "photo", "split": "train", "prompt": prompt, "images": [view], "mos": 3.0,
+           "mos_std": 0.5, "has_defect": True, "defects": [{"type": "blur", "severity": 3, "bbox": [171, 114, 343, 286]}],
+           "original": str(tmp_path / "photo.png"), "width": 640, "height": 480}
+    dataset = Dataset.from_list([row], features=RL_FEATURES)
+    processor = stage_processor(tiny_model_dir)
+    tokenizer = processor.tokenizer
+    trainer = stage3.GRPOStageTrainer(model=str(tiny_model_dir), args=cfg, reward_funcs=stage3.reward_functions(cfg),
+                                      train_dataset=dataset, processing_class=processor,
+                                      environment_factory=stage3.crop_environment(cfg))
+
+    # The two rollouts of the prompt follow one script each; trl calls generate once per turn for both.
+    scripts = [scripted_turns("answer"), scripted_turns("call")]
+    trl_prompts: list[list[int]] = []
+
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def generate(prompt_ids: Any, images: Any, fields: Any, *args: Any, **kwargs: Any) -> Any:
+        turn = len(trl_prompts)
+        trl_prompts.append(list(prompt_ids[0]))
+        return [[*tokenizer.encode(script[turn], add_special_tokens=False), end] for script in scripts], None
+
+    seen: dict[str, Any] = {}
+    tool_loop = trainer._tool_call_loop
+
+    def spy(*args: Any) -> Any:
+        out = tool_loop(*args)
+        seen["completions"] = out[1]
+        return out
+
+    trainer._generate_single_turn, trainer._tool_call_loop = generate, spy
+    trainer._generate_and_score_completions([dataset[0]] * 2)
+
+    outcomes = []
+    for script, completion, env in zip(scripts, seen["completions"], trainer.environments, strict=True):
+        backend = Replay(script)
+        trace = rollout(backend, photo, RolloutConfig(global_max_pixels=budget, crop_max_pixels=budget,
+                                                      max_crops=cfg.max_crops, max_new_tokens=1000))
+        # Turn for turn: the same roles, the same parsed assistant turns, the same tool results.
+        assert [m["role"] for m in completion] == [t.role for t in trace.turns]
+        for message, turn in zip(completion, trace.turns, strict=True):
+            if turn.role == "assistant":
+                assert protocol.parse_assistant(protocol.message_text(message)) == turn.parsed
+            else:
+                blocks = message["content"]
+                assert "".join(b["text"] for b in blocks if b["type"] == "text") == turn.text
+                assert next((b["image"].size for b in blocks if b["type"] == "image"), None) == turn.crop_size
+        # The same crops in original pixels, and the same final answer.
+        assert [c.original_box for c in env.calls] == [c.original_box for c in trace.tool.calls]
+        assert stage3.final_answer(completion) == trace.answer
+        outcomes.append((trace.outcome, len(trace.turns), [t.text[:30] for t in trace.turns if t.role == "tool"][-1]))
+        # Each generation saw the same conversation: trl's token ids are the template's rendering of the loop's.
+        if script is scripts[0]:
+            assert [processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)[0]
+                    for messages, _ in backend.calls] == trl_prompts
+
+    # Three crops, a refusal, then the answer; or, asked again after the refusal, the end without one.
+    refusal = "error: the crop budget of 3 is"
+    assert outcomes == [("answer", 9, refusal), ("crop_budget", 9, refusal)]
+    # The 3rd box, [10, 10, 20, 20], is grown to one merged patch, [1, 1, 29, 29], then mapped by 40/7.
+    assert trace.crops_original()[2] == (5, 5, 166, 166)
 
 
 # ---------------------------------------------------------------------------------------------------

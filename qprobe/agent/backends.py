@@ -5,10 +5,17 @@ assistant text. :class:`TransformersBackend` runs any Qwen2.5-VL checkpoint fold
 (loaded by :mod:`qprobe.models.factory`: CUDA in bfloat16 where a GPU is visible, else CPU in
 float32), rendering with the package's chat template. :class:`OpenAIBackend` talks to a
 chat-completions endpoint such as ``vllm serve Qwen/Qwen2.5-VL-7B-Instruct``: images go as
-lossless PNG data URLs (a quality judge must not see recompression), tool turns go as user turns
-wrapped in ``<tool_response>`` exactly as the chat template renders them, so the stock Qwen2.5-VL
-template on the server sees the same text (serve with ``--chat-template
-qprobe/agent/chat_template.jinja`` for token-identical prompts).
+lossless PNG data URLs (a quality judge must not see recompression).
+
+Tool turns go as the user turns the package's chat template renders them as. The template is the one
+definition of a tool turn: the model learnt from it (trl renders ``role: tool`` through it in SFT and in
+stage 3's tool loop) and the local backend renders with it. A server applies its own template to
+``role: tool`` messages instead: the stock Qwen2.5-VL one writes ``<|im_start|>tool``, a turn the model
+never saw, and OpenAI's tool messages carry no images. So :func:`to_openai_messages` sends each run of
+tool results as one user turn framed with the text cut from the template's own rendering
+(:func:`~qprobe.agent.protocol.tool_response_frame`), never a second hand-written copy: the stock
+template on the server sees the same text, and one served with ``--chat-template
+qprobe/agent/chat_template.jinja`` the same tokens.
 
 Every request has a connect timeout and a read timeout. A refused or timed-out connection, a dropped
 one and a 5xx/429 answer are retried with exponential backoff, each retry logged; a read timeout is
@@ -33,7 +40,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from qprobe.agent.protocol import message_text
+from qprobe.agent.protocol import message_text, tool_response_frame
 from qprobe.errors import QProbeError
 from qprobe.models.factory import is_endpoint
 
@@ -122,6 +129,7 @@ def _openai_blocks(content: Any) -> list[dict[str, Any]]:
 
 def to_openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Protocol messages -> chat-completions messages that render as the package template does."""
+    frame = tool_response_frame()
     out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         role = message["role"]
@@ -130,8 +138,8 @@ def to_openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif role == "tool":
             # Consecutive tool messages share one user turn, as in the template.
             follows_tool = i > 0 and messages[i - 1]["role"] == "tool"
-            blocks = [{"type": "text", "text": "\n<tool_response>\n" if follows_tool else "<tool_response>\n"},
-                      *_openai_blocks(message["content"]), {"type": "text", "text": "\n</tool_response>"}]
+            blocks = [{"type": "text", "text": frame.next_open if follows_tool else frame.first_open},
+                      *_openai_blocks(message["content"]), {"type": "text", "text": frame.close}]
             if follows_tool:
                 out[-1]["content"].extend(blocks)
             else:

@@ -35,7 +35,7 @@ from typing import Any
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from qprobe.agent.protocol import Box, ordered_box, region_line
+from qprobe.agent.protocol import Box, ordered_box, read_box, region_line
 from qprobe.errors import QProbeError
 from qprobe.io import load_image
 
@@ -116,18 +116,11 @@ class Geometry:
         Reversed corners are swapped, the box is clamped to the view, and a side shorter than one
         merged patch is grown about its centre (kept inside the view) to :data:`PATCH` pixels.
         """
-        if not isinstance(box, list | tuple) or len(box) != 4:
-            return "bbox_2d must be a list of four numbers [x1, y1, x2, y2]"
-        if any(isinstance(v, bool) or not isinstance(v, int | float) for v in box):
-            return "bbox_2d must hold four numbers"
-        try:
-            values = [float(v) for v in box]
-        except OverflowError:
-            values = [math.inf]
-        if not all(math.isfinite(v) for v in values):
-            return "bbox_2d must hold four finite numbers"
+        values = read_box(box)
+        if isinstance(values, str):
+            return values
         w, h = self.view
-        x1, y1, x2, y2 = ordered_box(tuple(values))
+        x1, y1, x2, y2 = ordered_box(values)
         if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
             return f"the box {[_n(v) for v in box]} lies outside the {w}x{h} global view"
         x1, y1, x2, y2 = self.clamp((x1, y1, x2, y2))

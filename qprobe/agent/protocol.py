@@ -18,6 +18,10 @@ leniency is unambiguous (a missing ``<think>``, whitespace inside tags, a missin
 :func:`format_failure` is the strict check behind the format reward. Both run in time linear in the
 text (plain scans for the tags, no backtracking regex): a runaway generation of 100,000 characters
 costs milliseconds, not minutes, inside a GRPO step.
+
+The module is long on purpose: it is the one home of every protocol rule (the form of a box, the
+split of a turn, the crop budget's refusal, the tool turn's framing), so no caller restates one
+(docs/architecture.md, The protocol).
 """
 
 from __future__ import annotations
@@ -118,6 +122,17 @@ def user_prompt(view_size: tuple[int, int], original_size: tuple[int, int], max_
     return f"{head} Rate its quality. You may crop up to {max_crops} regions."
 
 
+def tool_turn_limit(max_crops: int) -> int:
+    """The tool turns a rollout may take under a budget of ``max_crops`` crops: the crops, then one more
+    call that the crop tool refuses with a line asking for the answer. A call after the refusal ends the
+    rollout unanswered.
+
+    The one statement of the rule: the inference loop (:func:`qprobe.agent.rollout.rollout`) stops there,
+    and stage 3 hands it to trl's tool loop as ``max_tool_calling_iterations``.
+    """
+    return max_crops + 1
+
+
 # How :func:`user_prompt` states the view's size, in both of its openings.
 _VIEW_SIZE = re.compile(r", (\d{1,6})x(\d{1,6}) pixels")
 
@@ -180,6 +195,45 @@ RESPONSE_TEMPLATE: dict[str, Any] = {
         "content": {"close_pattern": r"<\|im_end\|>\s*", "content": "text"},
     },
 }
+
+
+@dataclass(frozen=True)
+class ToolResponseFrame:
+    """The text the chat template writes around each tool result inside the one user turn that a run of
+    consecutive tool messages shares: before the first result, before each further one, after each."""
+
+    first_open: str
+    next_open: str
+    close: str
+
+
+@cache
+def tool_response_frame() -> ToolResponseFrame:
+    """How the chat template frames tool results, cut from the template's own rendering of marked ones.
+
+    The chat template is the one definition of what a tool turn looks like to the model: trl renders
+    ``role: tool`` messages through it in SFT and in stage 3's tool loop, and so does the local backend.
+    A client that must send the tool turn as text (:func:`qprobe.agent.backends.to_openai_messages`)
+    takes the framing from here rather than writing it a second time.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    marks = ("\x00result-1\x00", "\x00result-2\x00")
+    (user, one, two), _ = render_jinja_template(
+        [[{"role": "user", "content": marks[0]}],
+         [{"role": "tool", "name": CROP_TOOL_NAME, "content": marks[0]}],
+         [{"role": "tool", "name": CROP_TOOL_NAME, "content": mark} for mark in marks]],
+        chat_template=chat_template())
+    # The template's user turn around a plain text: what the tool results must sit inside.
+    head, tail = user.split(marks[0])
+    if not (one.startswith(head) and one.endswith(tail) and two.startswith(head) and two.endswith(tail)):
+        raise RuntimeError("chat_template.jinja no longer renders tool results inside a user turn")
+    one, two = one[len(head): len(one) - len(tail)], two[len(head): len(two) - len(tail)]
+    first_open, close = one.split(marks[0])
+    next_open = two[len(one):].split(marks[1])[0]
+    if two != one + next_open + marks[1] + close:
+        raise RuntimeError("chat_template.jinja no longer frames each tool result the same way")
+    return ToolResponseFrame(first_open=first_open, next_open=next_open, close=close)
 
 
 def system_message() -> dict[str, Any]:
@@ -326,6 +380,19 @@ def render_turn(think: str, action: str) -> str:
     return f"<think>{think}</think>\n{action}"
 
 
+def split_turn(text: str) -> tuple[str, str]:
+    """The ``(think, action)`` a turn was rendered from: the inverse of :func:`render_turn`, exact to the
+    character (the trajectory builder and the teacher rewrite a turn's reasoning and keep its action).
+
+    Raises ``ValueError`` for text :func:`render_turn` did not write; model output goes through
+    :func:`parse_assistant` instead.
+    """
+    head, sep, action = text.partition("</think>\n")
+    if not sep or not head.startswith("<think>"):
+        raise ValueError(f"not a rendered turn: {text[:60]!r}")
+    return head[len("<think>"):], action
+
+
 _ACTION_OPEN = re.compile(r"<(tool_call|answer)>")
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
@@ -403,8 +470,8 @@ def _tool_call(payload: Any, think: str, text: str) -> Parsed:
     args = payload["arguments"]
     if not isinstance(args, dict) or set(args) != {"bbox_2d"}:
         return ParseFailure(FailureKind.WRONG_KEYS, 'crop takes {"bbox_2d": [x1, y1, x2, y2]}', text)
-    box = _box(args["bbox_2d"])
-    if box is None:
+    box = read_box(args["bbox_2d"])
+    if isinstance(box, str):
         return ParseFailure(FailureKind.BAD_BOX, "bbox_2d must be four finite numbers", text)
     return ToolCall(bbox=box, think=think)
 
@@ -428,8 +495,8 @@ def _answer(payload: Any, think: str, text: str) -> Parsed:
             return ParseFailure(FailureKind.BAD_DEFECT, 'a defect is {"bbox_2d": [...], "type": ...}', text)
         if not isinstance(item["type"], str) or not item["type"].strip():
             return ParseFailure(FailureKind.BAD_DEFECT, "a defect type must be a non-empty string", text)
-        box = _box(item["bbox_2d"])
-        if box is None:
+        box = read_box(item["bbox_2d"])
+        if isinstance(box, str):
             return ParseFailure(FailureKind.BAD_BOX, "a defect bbox_2d must be four finite numbers", text)
         defects.append(Defect(bbox=box, type=item["type"].strip().lower()))
     return Answer(score=float(score), defects=tuple(defects), think=think)
@@ -451,17 +518,24 @@ def ordered_box(box: Box) -> Box:
     return (x1, y1, x2, y2)
 
 
-def _box(value: Any) -> Box | None:
-    if not isinstance(value, list) or len(value) != 4:
-        return None
+def read_box(value: Any) -> Box | str:
+    """``value`` (a ``bbox_2d`` as the model wrote it) as four finite floats, or what is wrong with it.
+
+    The one check of a box's form, behind the parser and the crop tool
+    (:meth:`qprobe.agent.crop.Geometry.repair`); the reason is a line the tool sends back to the model.
+    Whether the box is ordered or inside the view is left to the caller: the parser keeps what was
+    written, the strict check (:func:`format_failure`) refuses it, the tool repairs it.
+    """
+    if not isinstance(value, list | tuple) or len(value) != 4:
+        return "bbox_2d must be a list of four numbers [x1, y1, x2, y2]"
     if any(isinstance(v, bool) or not isinstance(v, int | float) for v in value):
-        return None
+        return "bbox_2d must hold four numbers"
     try:
         box = tuple(float(v) for v in value)
     except OverflowError:  # an integer too large for a float
-        return None
+        return "bbox_2d must hold four finite numbers"
     if not all(math.isfinite(v) for v in box):
-        return None
+        return "bbox_2d must hold four finite numbers"
     return box  # type: ignore[return-value]
 
 

@@ -5,7 +5,8 @@ pixel budget) under the protocol's prompts; every assistant turn is parsed
 (:func:`~qprobe.agent.protocol.parse_assistant`): a crop request runs the crop tool on the original
 photo and the crop comes back as an image in a tool turn, an answer ends the rollout, and anything
 else ends it as a parse failure (reported, never raised). Two budgets bound it: ``max_crops`` crop
-calls (a call past it gets a tool error asking for the answer; a second one ends the rollout), and
+calls (a call past it gets a tool error asking for the answer; a second one ends the rollout:
+:func:`~qprobe.agent.protocol.tool_turn_limit`, the rule stage 3 gives trl's tool loop too), and
 ``max_new_tokens`` generated tokens over all turns together.
 
 The :class:`Trace` records every turn (text, parsed result, boxes in view and original pixels,
@@ -34,6 +35,7 @@ from qprobe.agent.protocol import (
     global_turn,
     parse_assistant,
     tool_turn,
+    tool_turn_limit,
 )
 
 
@@ -163,7 +165,7 @@ def rollout(backend: Backend, image: Image.Image, config: RolloutConfig | None =
             outcome = "token_budget" if generation.finish_reason == "length" else "parse_failure"
             failure = parsed
             break
-        if tool_turns > config.max_crops:  # it was told the budget is spent and asked again
+        if tool_turns >= tool_turn_limit(config.max_crops):  # it was refused and asked again
             outcome = "crop_budget"
             break
         tick = time.perf_counter()

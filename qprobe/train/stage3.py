@@ -11,7 +11,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -83,9 +83,10 @@ class Stage3Config(StageArgs, GRPOConfig):
             raise ValueError("set the weights in `rewards: {name: weight}`, not reward_weights")
         if self.max_crops < 1:
             raise ValueError("max_crops must be at least 1: stage 3 trains the crop tool's use")
-        if self.max_tool_calling_iterations not in (None, self.max_crops + 1):
-            raise ValueError("set max_crops, not max_tool_calling_iterations: it follows as max_crops + 1")
-        self.max_tool_calling_iterations = self.max_crops + 1
+        turns = protocol.tool_turn_limit(self.max_crops)
+        if self.max_tool_calling_iterations not in (None, turns):
+            raise ValueError(f"set max_crops, not max_tool_calling_iterations: it follows from max_crops ({turns})")
+        self.max_tool_calling_iterations = turns
         super().__post_init__()
         if self.reward_mode not in REWARD_MODES:
             raise ValueError(f"reward_mode must be one of {', '.join(REWARD_MODES)}, not {self.reward_mode!r}")
@@ -351,6 +352,12 @@ def check_prompts(dataset: Any, cfg: Stage3Config) -> None:
                               f"{expected!r}; build the trajectories with the same budgets")
 
 
+def crop_environment(cfg: Stage3Config) -> Callable[[], CropTool]:
+    """trl's ``environment_factory``: one crop tool per rollout, with the stage's budgets."""
+    return functools.partial(CropTool, global_max_pixels=cfg.global_max_pixels, crop_max_pixels=cfg.crop_max_pixels,
+                             max_calls=cfg.max_crops)
+
+
 def originals_folder(dataset: Any) -> str:
     """The folder holding every original photo the crop tool opens (their common parent)."""
     return os.path.commonpath([str(Path(p).parent) for p in dataset.unique("original")])
@@ -401,8 +408,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              *required_columns(cfg.rewards)])
     check_pixel_budgets(dataset, cfg.global_max_pixels)
     check_prompts(dataset, cfg)
-    tool = functools.partial(CropTool, global_max_pixels=cfg.global_max_pixels,
-                             crop_max_pixels=cfg.crop_max_pixels, max_calls=cfg.max_crops)
 
     reports: list[RolloutReport] = []  # the trainer's, once built
 
@@ -411,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reports.append(RolloutReport(cfg, stop_ids=[tokenizer.eos_token_id, tokenizer.pad_token_id]))
         return GRPOStageTrainer(model=str(model_path), args=cfg, reward_funcs=reward_functions(cfg, reports[-1]),
                            train_dataset=dataset, processing_class=processor, peft_config=lora_config(cfg),
-                           environment_factory=tool)
+                           environment_factory=crop_environment(cfg))
 
     metrics = run_stage("stage3", cfg, make_trainer, extra_inputs={"originals": originals_folder(dataset)},
                         evaluate=lambda _: reports[-1].summary())

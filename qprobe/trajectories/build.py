@@ -170,9 +170,8 @@ def _attach_scrutiny(messages: list[dict[str, Any]], final_think: str, answer: s
             pending = m["text"]
             continue
         if m["role"] == "assistant" and pending:
-            text = m["content"][0]["text"]
-            think, action = text.split("</think>\n", 1)
-            m = protocol.assistant_turn(f"<think>{pending} {think[len('<think>'):]}</think>\n{action}")
+            think, action = protocol.split_turn(m["content"][0]["text"])
+            m = protocol.assistant_turn(protocol.render_turn(f"{pending} {think}", action))
             pending = ""
         out.append(m)
     think = f"{pending} {final_think}".strip()

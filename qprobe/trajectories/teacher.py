@@ -71,11 +71,6 @@ def _truth_types(sample: dict[str, Any]) -> set[str]:
     return {d.type for d in answer.defects} if isinstance(answer, protocol.Answer) else set()
 
 
-def _split(text: str) -> tuple[str, str]:
-    think, action = text.split("</think>\n", 1)
-    return think.removeprefix("<think>"), action
-
-
 def review(reply: str, sample: dict[str, Any], n_turns: int, tolerance: float) -> list[str] | str:
     """The teacher's thoughts if the reply passes every check, else the reason for rejecting it."""
     match = re.search(r"\{.*\}", reply, flags=re.DOTALL)
@@ -112,7 +107,7 @@ class Teacher:
     def rewrite(self, sample: dict[str, Any]) -> dict[str, Any]:
         """``sample`` with the teacher's reasoning where accepted, else unchanged (and counted)."""
         turns = [i for i, m in enumerate(sample["messages"]) if m["role"] == "assistant"]
-        drafts = [_split(sample["messages"][i]["content"][0]["text"]) for i in turns]
+        drafts = [protocol.split_turn(sample["messages"][i]["content"][0]["text"]) for i in turns]
         try:
             reply = self.backend.generate(_request_messages(sample, [d[0] for d in drafts]),
                                           max_new_tokens=self.max_new_tokens).text
