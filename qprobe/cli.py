@@ -8,6 +8,7 @@ Errors of the :class:`~qprobe.errors.QProbeError` family become one line on stde
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -58,6 +59,9 @@ def _usage() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     offline.apply()  # before any library that phones home is imported
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--version":
+        print(f"qprobe {importlib.metadata.version('qprobe')}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2

@@ -165,6 +165,29 @@ def _parse_flag(text: str, tp: Any, flag: str) -> Any:
     return _coerce(value, tp, flag)
 
 
+def _is_sequence(tp: Any) -> bool:
+    """Whether ``tp`` (or the type inside its Optional) is a list or a tuple: a flag that takes several values."""
+    return typing.get_origin(_optional_inner(tp)[0]) in (list, tuple)
+
+
+def _parse_values(values: list[str], tp: Any, flag: str) -> Any:
+    """The values after a sequence flag (``--types blur noise``), or one YAML list (``--types '[blur, noise]'``)."""
+    if len(values) == 1 and values[0].lstrip().startswith("["):
+        return _parse_flag(values[0], tp, flag)
+    inner, optional = _optional_inner(tp)
+    if optional and len(values) == 1 and values[0].lower() in ("null", "none", "~"):
+        return None
+    items = [a for a in typing.get_args(inner) if a is not Ellipsis]  # list[T]: (T,); tuple[A, B]: (A, B)
+    parsed = []
+    for i, text in enumerate(values):
+        item = items[min(i, len(items) - 1)] if items else Any
+        try:
+            parsed.append(text if item is str else yaml.safe_load(text))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{flag}: cannot parse {text!r}") from exc
+    return _coerce(parsed, tp, flag)
+
+
 def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one ``--flag-name`` per field of ``cls`` (help from the field metadata)."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
@@ -178,6 +201,9 @@ def build_parser(cls: type, prog: str, description: str | None = None) -> argpar
         inner, _ = _optional_inner(hints[f.name])
         if inner is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f.metadata.get("help"))
+        elif _is_sequence(hints[f.name]):
+            parser.add_argument(flag, dest=f.name, default=None, nargs="+", metavar=f.name.upper(),
                                 help=f.metadata.get("help"))
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
@@ -216,7 +242,10 @@ def parse_config(
         if raw is None:
             continue
         flag = "--" + f.name.replace("_", "-")
-        base[f.name] = raw if isinstance(raw, bool) else _parse_flag(raw, hints[f.name], flag)
+        if isinstance(raw, list):
+            base[f.name] = _parse_values(raw, hints[f.name], flag)
+        else:
+            base[f.name] = raw if isinstance(raw, bool) else _parse_flag(raw, hints[f.name], flag)
         given.add(f.name)
     if "out" in given and "metrics" not in given and "metrics" in {f.name for f in dataclasses.fields(cls)}:
         # An output sent elsewhere takes its metrics along: metrics/*.json are the pipeline's (DVC's),

@@ -170,3 +170,27 @@ def test_an_out_elsewhere_takes_its_metrics_along(tmp_path: Path, monkeypatch: p
     assert not (tmp_path / "metrics").exists()
     assert cli_main([*args, "--out", "data/other", "--metrics", "m.json"]) == 0
     assert (tmp_path / "m.json").is_file() and not (tmp_path / "data" / "other.metrics.json").exists()
+
+
+def test_list_options_take_several_values_or_one_yaml_list(tmp_path: Path) -> None:
+    """`--baselines piqe no_tool`, as `--data a b`, everywhere a field is a list; a YAML list still works."""
+
+    @dataclass
+    class Demo:
+        names: list[str] = field(default_factory=list)
+        sizes: list[int] = field(default_factory=lambda: [1])
+        pair: list[float] | None = None
+
+    params = tmp_path / "params.yaml"
+    params.write_text("demo: {}\n")
+    cfg = parse_config(Demo, "demo", ["--params", str(params), "--names", "piqe", "no_tool", "--sizes", "2", "3"])
+    assert (cfg.names, cfg.sizes) == (["piqe", "no_tool"], [2, 3])
+    assert parse_config(Demo, "demo", ["--params", str(params), "--sizes", "[4, 5]"]).sizes == [4, 5]
+    assert parse_config(Demo, "demo", ["--params", str(params), "--pair", "null"]).pair is None
+    with pytest.raises(ConfigError, match="--sizes"):
+        parse_config(Demo, "demo", ["--params", str(params), "--sizes", "2", "x"])
+
+
+def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("qprobe 0.")

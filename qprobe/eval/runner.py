@@ -35,11 +35,8 @@ the same: its images count as unanswered, by failure kind, and its correlations 
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -113,18 +110,8 @@ def evaluate(cfg: EvaluateConfig, backend: Backend | None = None) -> Evaluation:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
-    """The config of ``qprobe evaluate ARGV``: ``params.yaml``'s ``evaluate:`` section, then the flags.
-
-    ``--data`` takes several manifests after one flag (``--data a b c``) as well as a YAML list.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--data", nargs="+", action="extend")
-    known, rest = pre.parse_known_args(argv)
-    if known.data:
-        single_list = len(known.data) == 1 and known.data[0].lstrip().startswith("[")
-        rest += ["--data", known.data[0] if single_list else json.dumps(known.data)]
-    return parse_config(EvaluateConfig, "evaluate", rest, prog="qprobe evaluate", description=main.__doc__)
+    """The config of ``qprobe evaluate ARGV``: ``params.yaml``'s ``evaluate:`` section, then the flags."""
+    return parse_config(EvaluateConfig, "evaluate", argv, prog="qprobe evaluate", description=main.__doc__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         qprobe evaluate
         qprobe evaluate --model models/stage3 --data data/bench --out outputs/evaluate
         qprobe evaluate --model http://localhost:8000/v1 --data data/koniq data/spaq --split all --limit 500
-        qprobe evaluate --model models/stage3 --data my_photos/manifest.parquet --split all --baselines "[piqe]"
+        qprobe evaluate --model models/stage3 --data my_photos/manifest.parquet --split all --baselines piqe no_tool
 
     Writes ``OUT/report.html``, ``OUT/predictions.csv``, ``OUT/traces.jsonl``, ``OUT/probes.json``,
     ``OUT/plots/`` and the metrics file (``metrics/evaluate.json``).
