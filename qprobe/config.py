@@ -3,7 +3,10 @@
 Every stage declares its knobs as a dataclass whose fields carry help text in
 ``field(metadata={"help": ...})``. :func:`parse_config` builds the stage's argument parser from that
 dataclass, takes defaults from the stage's section of ``params.yaml`` (what ``dvc repro`` runs),
-lets command-line flags override them, and validates types. Any mistake is one line naming the file
+lets command-line flags override them, and validates types. A field whose metadata names a
+``section`` (the protocol's limits, :mod:`qprobe.agent.protocol_config`) is a dataclass shared by
+several stages: it is filled from that section, never from the stage's own, and each of its fields
+gets a flag of its own (``--max-crops``). Any mistake is one line naming the file
 or flag, the field, what was expected and what was found: :class:`ConfigError`.
 """
 
@@ -29,7 +32,7 @@ T = TypeVar("T")
 PARAMS_FILE = "params.yaml"
 # Every top-level section some stage or flow reads (``parse_config(..., SECTION)``, flows/retrain.py).
 # Anything else in a parameter file is a misspelling that would silently run built-in defaults.
-SECTIONS = ("bench", "model", "trajectories", "score", "evaluate", "stage1", "stage2", "stage3", "retrain",
+SECTIONS = ("bench", "protocol", "model", "trajectories", "score", "evaluate", "stage1", "stage2", "stage3", "retrain",
             "data_import")
 
 
@@ -122,7 +125,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         val_tp = args[1] if len(args) == 2 else Any
         return {k: _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
+        return value if isinstance(value, tp) else from_dict(tp, value, where)
     return value
 
 
@@ -188,27 +191,68 @@ def _parse_values(values: list[str], tp: Any, flag: str) -> Any:
     return _coerce(parsed, tp, flag)
 
 
+def flag_fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
+    """The fields of ``cls`` that get a flag, with their types: its own, and in place of a field filled
+    from another section, that section's dataclass's fields."""
+    hints = typing.get_type_hints(cls)
+    found: list[tuple[dataclasses.Field[Any], Any]] = []
+    for f in dataclasses.fields(cls):
+        if f.init:
+            found += flag_fields(hints[f.name]) if "section" in f.metadata else [(f, hints[f.name])]
+    return found
+
+
 def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one ``--flag-name`` per field of ``cls`` (help from the field metadata)."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=PARAMS_FILE, help="parameter file whose section gives the defaults")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
+    for f, tp in flag_fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        inner, _ = _optional_inner(hints[f.name])
+        inner, _ = _optional_inner(tp)
         if inner is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f.metadata.get("help"))
-        elif _is_sequence(hints[f.name]):
+        elif _is_sequence(tp):
             parser.add_argument(flag, dest=f.name, default=None, nargs="+", metavar=f.name.upper(),
                                 help=f.metadata.get("help"))
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
                                 help=f.metadata.get("help"))
     return parser
+
+
+def _flag_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The flags given for the fields of ``cls`` (its own only), typed."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        raw = getattr(args, f.name, None)
+        if raw is None or "section" in f.metadata:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(raw, list):
+            values[f.name] = _parse_values(raw, hints[f.name], flag)
+        else:
+            values[f.name] = raw if isinstance(raw, bool) else _parse_flag(raw, hints[f.name], flag)
+    return values
+
+
+def _shared_section(params: Mapping[str, Any], base: Mapping[str, Any], f: dataclasses.Field[Any], tp: type,
+                    args: argparse.Namespace, where: str, params_path: Path) -> Any:
+    """The dataclass ``tp`` of field ``f``, filled from the section its metadata names, then the flags.
+
+    The stage's own section may not set it or any of its fields: a value set there would be a second
+    home of a fact that has one.
+    """
+    name = f.metadata["section"]
+    own = sorted(set(base) & {f.name, *(g.name for g in dataclasses.fields(tp))})
+    if own:
+        raise ConfigError(f"{where}: {own[0]!r} is set once for every stage, in the {name!r} section")
+    values = params.get(name) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{params_path}: section {name!r} must be a mapping")
+    return from_dict(tp, {**values, **_flag_values(args, tp)}, f"{params_path}:{name}")
 
 
 def parse_config(
@@ -226,6 +270,7 @@ def parse_config(
     parser = build_parser(cls, prog or f"qprobe {section}", description)
     args = parser.parse_args(list(argv) if argv is not None else None)
     params_path = Path(args.params)
+    params: dict[str, Any] = {}
     base: dict[str, Any] = {}
     explicit = args.params != PARAMS_FILE
     if section is not None and (params_path.is_file() or explicit):
@@ -235,24 +280,16 @@ def parse_config(
         if not isinstance(base, dict):
             raise ConfigError(f"{params_path}: section {section!r} must be a mapping")
         base = dict(base)
+    where = f"{params_path}:{section}" if section else cls.__name__
     hints = typing.get_type_hints(cls)
-    given: set[str] = set()
-    for f in dataclasses.fields(cls):
-        raw = getattr(args, f.name, None)
-        if raw is None:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(raw, list):
-            base[f.name] = _parse_values(raw, hints[f.name], flag)
-        else:
-            base[f.name] = raw if isinstance(raw, bool) else _parse_flag(raw, hints[f.name], flag)
-        given.add(f.name)
+    shared = {f.name: _shared_section(params, base, f, hints[f.name], args, where, params_path)
+              for f in dataclasses.fields(cls) if f.init and "section" in f.metadata}
+    given = _flag_values(args, cls)
     if "out" in given and "metrics" not in given and "metrics" in {f.name for f in dataclasses.fields(cls)}:
         # An output sent elsewhere takes its metrics along: metrics/*.json are the pipeline's (DVC's),
         # and an ad-hoc run must leave `dvc status` as it was.
-        base["metrics"] = metrics_beside(base["out"])
-    where = f"{params_path}:{section}" if section else cls.__name__
-    return from_dict(cls, base, where)
+        given["metrics"] = metrics_beside(given["out"])
+    return from_dict(cls, {**base, **given, **shared}, where)
 
 
 def metrics_beside(out: str | Path) -> str:

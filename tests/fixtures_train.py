@@ -13,12 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import yaml
 
+from qprobe.agent.protocol_config import ProtocolLimits
 from qprobe.bench.synthesize import BenchConfig, synthesize
 from qprobe.train import common
 from qprobe.trajectories.build import TrajectoriesConfig, build
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_protocol() -> dict[str, Any]:
+    """The embedded default's ``protocol:`` section: a test's own params file carries it beside its stage's."""
+    return dict(yaml.safe_load((REPO / "params.yaml").read_text())["protocol"])
 
 
 def bench_and_trajectories(root: Path, num_images: int, sft_size: int, rl_size: int,
@@ -28,7 +35,7 @@ def bench_and_trajectories(root: Path, num_images: int, sft_size: int, rl_size: 
                            num_images=num_images, contact_sheet_size=0, pristine_fraction=pristine_fraction),
                progress=False)
     build(TrajectoriesConfig(bench=str(root / "bench"), out=str(root / "traj"), metrics=str(root / "t.json"),
-                             sft_size=sft_size, rl_size=rl_size))
+                             sft_size=sft_size, rl_size=rl_size, protocol=ProtocolLimits(**repo_protocol())))
     return root
 
 

@@ -126,26 +126,6 @@ def test_profile_merges_and_keeps_comments(tmp_path: Path) -> None:
         apply_profile("nope", tmp_path)
 
 
-@pytest.mark.parametrize("profile", ["default", "paper"])
-def test_every_stage_sizes_images_with_the_trajectories_budgets(profile: str, tmp_path: Path) -> None:
-    """A stage whose budget differs from the one its images were cut at trains or scores on other images."""
-    import shutil
-
-    import yaml
-
-    shutil.copy("params.yaml", tmp_path / "params.yaml")
-    shutil.copytree("configs", tmp_path / "configs")
-    if profile == "paper":
-        apply_profile("paper", tmp_path)
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    made = params["trajectories"]
-    assert params["stage1"]["global_max_pixels"] == made["low_res_max_pixels"]
-    assert params["stage2"]["low_res_max_pixels"] == made["low_res_max_pixels"]
-    for section in ("stage2", "stage3", "score", "evaluate"):
-        budgets = (params[section]["global_max_pixels"], params[section]["crop_max_pixels"])
-        assert budgets == (made["global_max_pixels"], made["crop_max_pixels"]), section
-
-
 def test_cli_unknown_command_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["frobnicate"]) == 2
     assert "unknown command" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from fixtures_eval import ScriptedBackend, make_bench
 
+from qprobe.agent.protocol_config import ProtocolLimits, write_limits
 from qprobe.config import ConfigError
 from qprobe.errors import QProbeError
 from qprobe.eval.config import EvaluateConfig
@@ -178,6 +179,14 @@ def test_several_manifests_after_one_flag(bench: Path, tmp_path: Path) -> None:
     assert list(sets[0].rows["id"]) == list(sets[1].rows["id"])  # the same seeded sample
     assert parse_args(["--data", "[a, b]"]).data == ["a", "b"]
     assert parse_args(["--data", "one"]).data == ["one"]
+
+
+def test_a_model_trained_on_other_budgets_is_refused(bench: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    write_limits(model, ProtocolLimits())  # the paper's budgets; the run's are 12544 (the flags)
+    with pytest.raises(QProbeError, match=rf"^{model}: made with protocol.global_max_pixels 1003520, but this run "
+                                          r"has 12544;"):
+        evaluate(_config(bench, tmp_path / "out", "--model", str(model)))
 
 
 def test_a_missing_split_names_the_splits_present(bench: Path, tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from qprobe.trajectories.planner import PlannerConfig, contains, plan_crops
 
+MAX_CROPS = 3  # the protocol's crop budget
+
 
 @st.composite
 def image_and_defects(draw: st.DrawFn) -> tuple[int, int, list[tuple[int, int, int, int]]]:
@@ -30,14 +32,14 @@ def image_and_defects(draw: st.DrawFn) -> tuple[int, int, list[tuple[int, int, i
 def test_context_crops_contain_defects_with_margin_inside_image(case, seed) -> None:
     width, height, defects = case
     cfg = PlannerConfig()
-    crops = plan_crops(defects, width, height, cfg, random.Random(seed))
-    assert 1 <= len(crops) <= cfg.max_crops + 1
+    crops = plan_crops(defects, width, height, cfg, random.Random(seed), MAX_CROPS)
+    assert 1 <= len(crops) <= MAX_CROPS  # the budget the prompt states: every planned crop is made
     for box, _ in crops:
         assert 0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height
     covering = [b for b, has in crops if has]
     for d in defects:
         owners = [b for b in covering if contains(b, d)]
-        if len(covering) < cfg.max_crops or owners:  # only the crop budget may leave a defect out
+        if len(covering) < MAX_CROPS or owners:  # only the crop budget may leave a defect out
             assert owners, (d, crops)
         dw, dh = d[2] - d[0], d[3] - d[1]
 
@@ -56,7 +58,7 @@ def test_crop_area_is_a_multiple_of_the_defect_and_not_centred() -> None:
     defect = (1000, 1000, 1100, 1100)
     offsets = []
     for seed in range(40):
-        [(box, has)] = plan_crops([defect], 3000, 3000, cfg, random.Random(seed))
+        [(box, has)] = plan_crops([defect], 3000, 3000, cfg, random.Random(seed), MAX_CROPS)
         area = (box[2] - box[0]) * (box[3] - box[1])
         assert has and cfg.area_ratio_min * 0.95 <= area / 100**2 <= cfg.area_ratio_max * 1.05
         assert max(box[2] - box[0], box[3] - box[1]) / min(box[2] - box[0], box[3] - box[1]) <= cfg.max_aspect
@@ -65,20 +67,20 @@ def test_crop_area_is_a_multiple_of_the_defect_and_not_centred() -> None:
 
 
 def test_clamped_at_the_border() -> None:
-    [(box, _)] = plan_crops([(0, 0, 50, 50)], 400, 300, PlannerConfig(clean_crop_prob=0.0), random.Random(0))
+    [(box, _)] = plan_crops([(0, 0, 50, 50)], 400, 300, PlannerConfig(clean_crop_prob=0.0), random.Random(0), MAX_CROPS)
     assert box[0] == 0 and box[1] == 0 and contains(box, (0, 0, 50, 50))
 
 
 def test_close_defects_share_one_crop_far_ones_do_not() -> None:
     cfg = PlannerConfig(clean_crop_prob=0.0)
-    near = plan_crops([(1000, 1000, 1060, 1060), (1100, 1000, 1160, 1060)], 3000, 3000, cfg, random.Random(1))
+    near = plan_crops([(1000, 1000, 1060, 1060), (1100, 1000, 1160, 1060)], 3000, 3000, cfg, random.Random(1), MAX_CROPS)
     assert len(near) == 1 and all(contains(near[0][0], d) for d in [(1000, 1000, 1060, 1060), (1100, 1000, 1160, 1060)])
-    far = plan_crops([(0, 0, 60, 60), (2900, 2900, 2960, 2960)], 3000, 3000, cfg, random.Random(1))
+    far = plan_crops([(0, 0, 60, 60), (2900, 2900, 2960, 2960)], 3000, 3000, cfg, random.Random(1), MAX_CROPS)
     assert len(far) == 2
 
 
 def test_pristine_images_get_clean_crops_on_salient_regions() -> None:
-    crops = plan_crops([], 2000, 1500, PlannerConfig(), random.Random(0), salient=[(100, 100, 300, 300)])
+    crops = plan_crops([], 2000, 1500, PlannerConfig(), random.Random(0), MAX_CROPS, salient=[(100, 100, 300, 300)])
     assert len(crops) == 1 and crops[0][1] is False
     box = crops[0][0]
     assert box[0] <= 200 <= box[2] and box[1] <= 200 <= box[3]
@@ -87,7 +89,7 @@ def test_pristine_images_get_clean_crops_on_salient_regions() -> None:
 def test_clean_crop_of_a_degraded_image_avoids_the_defect() -> None:
     cfg = PlannerConfig(clean_crop_prob=1.0)
     defect = (900, 900, 1000, 1000)
-    crops = plan_crops([defect], 3000, 3000, cfg, random.Random(3), salient=[(950, 950, 960, 960)])
+    crops = plan_crops([defect], 3000, 3000, cfg, random.Random(3), MAX_CROPS, salient=[(950, 950, 960, 960)])
     clean = [b for b, has in crops if not has]
     assert len(clean) == 1
     b = clean[0]
@@ -96,9 +98,9 @@ def test_clean_crop_of_a_degraded_image_avoids_the_defect() -> None:
 
 def test_degradation_only_is_tight_and_has_no_clean_crops() -> None:
     cfg = PlannerConfig(strategy="degradation_only", clean_crop_prob=1.0)
-    crops = plan_crops([(500, 500, 600, 580)], 2000, 2000, cfg, random.Random(0))
+    crops = plan_crops([(500, 500, 600, 580)], 2000, 2000, cfg, random.Random(0), MAX_CROPS)
     assert crops == [((500, 500, 600, 580), True)]
-    assert plan_crops([], 2000, 2000, cfg, random.Random(0)) == []
+    assert plan_crops([], 2000, 2000, cfg, random.Random(0), MAX_CROPS) == []
 
 
 def test_bad_config_is_refused() -> None:

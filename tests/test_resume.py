@@ -15,7 +15,7 @@ import mlflow
 import pytest
 import torch
 import yaml
-from fixtures_train import bench_and_trajectories, latest_run, train, train_killed
+from fixtures_train import bench_and_trajectories, latest_run, repo_protocol, train, train_killed
 from safetensors.torch import load_file, save_file
 
 from qprobe.errors import QProbeError
@@ -53,7 +53,7 @@ def write_params(folder: Path, stage: str, model: Path, data: Path, overrides: d
             section[key] = str(data / overrides[key])
     folder.mkdir(parents=True, exist_ok=True)
     params = folder / "params.yaml"
-    params.write_text(yaml.safe_dump({stage: section}))
+    params.write_text(yaml.safe_dump({"protocol": repo_protocol(), stage: section}))
     return params
 
 

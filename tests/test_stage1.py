@@ -9,8 +9,10 @@ from typing import Any
 import mlflow
 import pytest
 import yaml
-from fixtures_train import KilledAfterStep2, bench_and_trajectories, latest_run
+from fixtures_train import KilledAfterStep2, bench_and_trajectories, latest_run, repo_protocol
 
+from qprobe.agent.protocol_config import LIMITS_FILE, ProtocolLimits, write_limits
+from qprobe.errors import QProbeError
 from qprobe.io import content_hash
 from qprobe.models.factory import load_model
 from qprobe.train import common, stage1
@@ -30,7 +32,7 @@ def run(tmp: Path, model: Path, dataset: Path, **overrides: Any) -> dict[str, An
                    max_completion_length=8, max_steps=4, save_steps=1)
     section.update(overrides)
     params = tmp / "params.yaml"
-    params.write_text(yaml.safe_dump({"stage1": section}))
+    params.write_text(yaml.safe_dump({"protocol": repo_protocol(), "stage1": section}))
     assert stage1.main(["--params", str(params)]) == 0
     return json.loads((tmp / "m.json").read_text())
 
@@ -56,12 +58,26 @@ def test_grpo_run_is_killed_resumes_and_saves(tmp_path: Path, tiny_model_dir: Pa
     assert [m.step for m in history] == [3, 4]
     assert resumed.data.tags["qprobe.model.md5"] == content_hash(tmp_path / "model")
     assert resumed.data.tags["qprobe.model.path"] == str(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / LIMITS_FILE).read_text()) == repo_protocol()
     assert resumed.data.params["num_generations"] == "2"
     _, processor = load_model(tmp_path / "model", device="cpu")
     assert processor.chat_template and (tmp_path / "model" / "chat_template.jinja").is_file()
     assert not (tmp_path / "model" / "training_args.bin").exists()
     # A finished run leaves nothing to resume: the next one starts afresh.
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_model_trained_on_other_budgets_is_refused(tmp_path: Path, tiny_model_dir: Path,
+                                                    stage1_set: Path) -> None:
+    import shutil
+
+    model = tmp_path / "paper-model"
+    shutil.copytree(tiny_model_dir, model)
+    write_limits(model, ProtocolLimits())  # trained at the paper's budgets; this run's are the embedded default's
+    with pytest.raises(QProbeError, match=rf"^{model}: made with protocol.global_max_pixels 1003520, but this run "
+                                          r"has 50176;"):
+        run(tmp_path, model, stage1_set)
+    assert not (tmp_path / "checkpoints").exists()  # refused before training
 
 
 def test_fingerprint_ignores_how_long_and_what_is_logged() -> None:

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import yaml
 from datasets import load_from_disk
-from fixtures_train import bench_and_trajectories
+from fixtures_train import bench_and_trajectories, repo_protocol
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from qprobe.errors import QProbeError
@@ -74,7 +74,7 @@ def test_sft_run_saves_and_checks_heldout(tmp_path: Path, tiny_model_dir: Path, 
                    output_dir=str(tmp_path / "checkpoints"), max_steps=3, warmup_steps=0, save_steps=2,
                    per_device_train_batch_size=2, heldout_samples=1, heldout_max_new_tokens=16, logging_steps=1)
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"stage2": section}))
+    params.write_text(yaml.safe_dump({"protocol": repo_protocol(), "stage2": section}))
     assert stage2.main(["--params", str(params)]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["global_step"] == 3 and metrics["heldout_samples"] == 1

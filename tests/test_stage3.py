@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,11 +12,12 @@ import mlflow
 import pytest
 import yaml
 from datasets import Dataset, Features, Image, List, Value
-from fixtures_train import KilledAfterStep2, latest_run
+from fixtures_train import KilledAfterStep2, latest_run, repo_protocol
 from trl.trainer.utils import get_callable_name
 
 from qprobe.agent import protocol
 from qprobe.agent.crop import CropTool, global_view
+from qprobe.agent.protocol_config import LIMITS_FILE, ProtocolLimits
 from qprobe.config import parse_config
 from qprobe.errors import QProbeError
 from qprobe.io import load_image
@@ -69,10 +71,18 @@ def section(**overrides: Any) -> dict[str, Any]:
     return values
 
 
-def config(tmp: Path, **overrides: Any) -> stage3.Stage3Config:
+def write_params(tmp: Path, overrides: dict[str, Any]) -> Path:
+    """The embedded default's protocol and stage3 sections, ``overrides`` applied: a protocol limit to the first."""
+    limits = {f.name for f in dataclasses.fields(ProtocolLimits)}
     params = tmp / "params.yaml"
-    params.write_text(yaml.safe_dump({"stage3": section(**overrides)}))
-    return parse_config(stage3.Stage3Config, "stage3", ["--params", str(params)])
+    params.write_text(yaml.safe_dump({
+        "protocol": {**repo_protocol(), **{k: v for k, v in overrides.items() if k in limits}},
+        "stage3": section(**{k: v for k, v in overrides.items() if k not in limits})}))
+    return params
+
+
+def config(tmp: Path, **overrides: Any) -> stage3.Stage3Config:
+    return parse_config(stage3.Stage3Config, "stage3", ["--params", str(write_params(tmp, overrides))])
 
 
 def taught_overrides(taught_model: Any, dataset: Path, tmp: Path) -> dict[str, Any]:
@@ -188,7 +198,7 @@ def test_a_scripted_model_takes_the_same_turns_in_the_rollout_loop_and_in_trls_t
     view, _ = global_view(photo, budget)
     prompt = [{"role": m["role"], "name": None,
                "content": [{"type": b["type"], "text": b.get("text")} for b in m["content"]]}
-              for m in protocol.global_turn(view, photo.size, cfg.max_crops)]
+              for m in protocol.global_turn(view, photo.size, cfg.protocol.max_crops)]
     row = {"id": "photo", "source": "photo", "split": "train", "prompt": prompt, "images": [view], "mos": 3.0,
            "mos_std": 0.5, "has_defect": True, "defects": [{"type": "blur", "severity": 3, "bbox": [171, 114, 343, 286]}],
            "original": str(tmp_path / "photo.png"), "width": 640, "height": 480}
@@ -225,7 +235,7 @@ def test_a_scripted_model_takes_the_same_turns_in_the_rollout_loop_and_in_trls_t
     for script, completion, env in zip(scripts, seen["completions"], trainer.environments, strict=True):
         backend = Replay(script)
         trace = rollout(backend, photo, RolloutConfig(global_max_pixels=budget, crop_max_pixels=budget,
-                                                      max_crops=cfg.max_crops, max_new_tokens=1000))
+                                                      max_crops=cfg.protocol.max_crops, max_new_tokens=1000))
         # Turn for turn: the same roles, the same parsed assistant turns, the same tool results.
         assert [m["role"] for m in completion] == [t.role for t in trace.turns]
         for message, turn in zip(completion, trace.turns, strict=True):
@@ -347,20 +357,19 @@ def test_report_counts_calls_failures_crops_and_truncation(hand_made: dict[str, 
 
 def test_params_sections_parse(tmp_path: Path) -> None:
     cfg = config(tmp_path)
-    trajectories = yaml.safe_load((ROOT / "params.yaml").read_text())["trajectories"]
     assert cfg.use_cpu and not cfg.bf16 and cfg.resume == "auto" and not cfg.use_vllm
     assert cfg.model == "models/stage2" and cfg.dataset == "data/trajectories/rl"
-    assert (cfg.global_max_pixels, cfg.crop_max_pixels, cfg.max_crops) == (
-        trajectories["global_max_pixels"], trajectories["crop_max_pixels"], trajectories["max_crops"])
-    assert cfg.max_tool_calling_iterations == cfg.max_crops + 1 and not cfg.log_completions
+    assert cfg.protocol == ProtocolLimits(**repo_protocol())
+    assert cfg.max_tool_calling_iterations == cfg.protocol.max_crops + 1 and not cfg.log_completions
 
-    paper = {**section(), **yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())["stage3"]}
+    paper_file = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
     params = tmp_path / "paper.yaml"
-    params.write_text(yaml.safe_dump({"stage3": {**paper, "use_cpu": True}}))  # no GPU here
+    params.write_text(yaml.safe_dump({"protocol": {**repo_protocol(), **paper_file["protocol"]},
+                                      "stage3": {**section(), **paper_file["stage3"], "use_cpu": True}}))  # no GPU here
     cfg = parse_config(stage3.Stage3Config, "stage3", ["--params", str(params)])
     assert cfg.use_vllm and cfg.vllm_mode == "server" and cfg.bf16 and cfg.reward_mode == "decoupled"
-    assert cfg.global_max_pixels == cfg.crop_max_pixels == 1003520
-    assert cfg.max_completion_length >= cfg.max_crops * 1280  # every crop's tokens fit
+    assert cfg.protocol.global_max_pixels == cfg.protocol.crop_max_pixels == 1003520
+    assert cfg.max_completion_length >= cfg.protocol.max_crops * 1280  # every crop's tokens fit
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -381,7 +390,7 @@ def test_bad_configs_fail_clearly(tmp_path: Path, change: dict[str, Any], messag
 def test_dvc_stage() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     stage = stages["stage3"]
-    assert stage["cmd"] == "qprobe train stage3" and stage["params"] == ["stage3"]
+    assert stage["cmd"] == "qprobe train stage3" and stage["params"] == ["protocol", "stage3"]
     assert {"models/stage2", "data/trajectories/rl", "data/bench", "qprobe/train/stage3.py", "qprobe/train/common.py",
             "qprobe/rewards.py", "qprobe/reward_math.py", "qprobe/agent/crop.py", "qprobe/agent/protocol.py",
             "qprobe/agent/chat_template.jinja"} <= set(stage["deps"])
@@ -405,9 +414,7 @@ def test_prompts_must_state_the_stage_budgets(tmp_path: Path, taught_model: Any,
 
 
 def run(tmp: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    params = tmp / "params.yaml"
-    params.write_text(yaml.safe_dump({"stage3": section(**overrides)}))
-    assert stage3.main(["--params", str(params)]) == 0
+    assert stage3.main(["--params", str(write_params(tmp, overrides))]) == 0
     return json.loads((tmp / "m.json").read_text())
 
 
@@ -446,6 +453,8 @@ def test_grpo_run_calls_the_tool_logs_and_resumes(tmp_path: Path, taught_model: 
     assert resumed.data.metrics["tool_calls_per_rollout"] == metrics["tool_calls_per_rollout"]
     assert {d.dataset.name for d in resumed.inputs.dataset_inputs} >= {"model", "dataset", "originals", "stage3-model"}
     load_model(tmp_path / "model", device="cpu")
+    recorded = json.loads((tmp_path / "model" / LIMITS_FILE).read_text())  # what score and evaluate check
+    assert recorded["global_max_pixels"] == taught_model.global_max_pixels and recorded["max_crops"] == 2
 
     # The joint ablation: one coupled reward for trl, the components still logged under the same names.
     metrics = run(tmp_path, {**overrides, "reward_mode": "joint", "max_steps": 1})

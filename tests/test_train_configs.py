@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
+from fixtures_train import repo_protocol
 
+from qprobe.agent.protocol_config import ProtocolLimits, write_limits
 from qprobe.config import ConfigError, parse_config
 from qprobe.errors import QProbeError
 from qprobe.train.stage1 import Stage1Config
@@ -47,7 +49,7 @@ def section(profile: str, stage: str) -> dict[str, Any]:
 
 def parse(tmp_path: Path, stage: str, values: dict[str, Any], *flags: str) -> Any:
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({stage: values}))
+    params.write_text(yaml.safe_dump({"protocol": repo_protocol(), stage: values}))
     return parse_config(STAGES[stage], stage, ["--params", str(params), *flags])
 
 
@@ -55,8 +57,7 @@ def parse(tmp_path: Path, stage: str, values: dict[str, Any], *flags: str) -> An
 def test_embedded_default_parses(tmp_path: Path, stage: str) -> None:
     cfg = parse(tmp_path, stage, section("default", stage))
     assert cfg.use_cpu and not cfg.bf16 and cfg.resume == "auto" and cfg.report_to == []
-    assert cfg.global_max_pixels == yaml.safe_load((ROOT / "params.yaml").read_text())["trajectories"][
-        "low_res_max_pixels" if stage == "stage1" else "global_max_pixels"]
+    assert cfg.view_max_pixels == repo_protocol()["low_res_max_pixels" if stage == "stage1" else "global_max_pixels"]
 
 
 def test_paper_profile_parses(tmp_path: Path) -> None:
@@ -108,7 +109,7 @@ def test_dvc_stages() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, data in (("stage1", "data/trajectories/stage1"), ("stage2", "data/trajectories/sft")):
         stage = stages[name]
-        assert stage["cmd"] == f"qprobe train {name}" and stage["params"] == [name]
+        assert stage["cmd"] == f"qprobe train {name}" and stage["params"] == ["protocol", name]
         assert data in stage["deps"] and stage["outs"] == [f"models/{name}"]
         assert stage["metrics"] == [{f"metrics/{name}.json": {"cache": False}}]
         assert all((ROOT / dep).exists() for dep in stage["deps"] if dep.startswith("qprobe"))
@@ -123,6 +124,19 @@ def test_loading_a_dataset_never_writes_into_its_dvc_folder(tmp_path: Path) -> N
     folder = tmp_path / "sft"
     Dataset.from_list([{"id": "a", "kind": "high"}, {"id": "b", "kind": "low"}]).save_to_disk(str(folder))
     before = sorted(p.name for p in folder.iterdir())
-    dataset = load_dataset_dir(folder, ["id"])
+    dataset = load_dataset_dir(folder, ["id"], ProtocolLimits())
     assert len(dataset.filter(lambda r: r["kind"] == "high").map(lambda r: {"n": 1})) == 1
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_a_set_built_under_other_limits_is_refused(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    from qprobe.train.common import load_dataset_dir
+
+    folder = tmp_path / "rl"
+    Dataset.from_list([{"id": "a"}]).save_to_disk(str(folder))
+    write_limits(folder, ProtocolLimits(**repo_protocol()))
+    assert len(load_dataset_dir(folder, ["id"], ProtocolLimits(**repo_protocol()))) == 1
+    with pytest.raises(QProbeError, match=rf"^{folder}: made with protocol.max_crops 3, but this run has 2;"):
+        load_dataset_dir(folder, ["id"], ProtocolLimits(**{**repo_protocol(), "max_crops": 2}))

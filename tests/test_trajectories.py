@@ -11,8 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from datasets import load_from_disk
+from fixtures_train import repo_protocol
 
 from qprobe.agent import protocol
+from qprobe.agent.protocol_config import LIMITS_FILE, ProtocolLimits
 from qprobe.bench.synthesize import BenchConfig, synthesize
 from qprobe.cli import main as cli_main
 from qprobe.data.manifest import read_manifest
@@ -34,7 +36,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(bench: Path, out: Path, **kw) -> TrajectoriesConfig:
     return TrajectoriesConfig(bench=str(bench), out=str(out), metrics=str(out.parent / "m.json"),
-                              sft_size=15, rl_size=6, **kw)
+                              sft_size=15, rl_size=6, **{"protocol": ProtocolLimits(**repo_protocol()), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,25 @@ def test_sets_counts_and_ratio(built) -> None:
     sft = load_from_disk(str(Path(cfg.out) / "sft"))
     assert sorted(set(sft["kind"])) == ["high", "low"]
     assert (Path(cfg.out) / "samples.html").read_text().count("<img") >= 5
+
+
+def test_each_set_records_the_protocol_limits_it_was_built_under(built) -> None:
+    cfg, _ = built
+    for name in ("stage1", "sft", "rl"):
+        assert json.loads((Path(cfg.out) / name / LIMITS_FILE).read_text()) == repo_protocol(), name
+        assert len(load_from_disk(str(Path(cfg.out) / name))) > 0  # the file beside the set leaves it loadable
+
+
+def test_a_planner_never_plans_past_the_crop_budget_the_prompt_states(bench: Path, tmp_path: Path) -> None:
+    cfg = _cfg(bench, tmp_path / "one", protocol=ProtocolLimits(**{**repo_protocol(), "max_crops": 1}))
+    build(cfg)
+    sft = load_from_disk(str(Path(cfg.out) / "sft"))
+    high = [s for s in sft if s["kind"] == "high"]
+    assert high and all(len(s["crops"]) == 1 for s in high)
+    assert all(any("You may crop up to 1 regions." in (b["text"] or "") for b in m["content"])
+               for s in high for m in s["messages"] if m["role"] == "user")
+    with pytest.raises(ValueError, match="max_crops must be at least 1"):
+        _cfg(bench, tmp_path / "none", protocol=ProtocolLimits(**{**repo_protocol(), "max_crops": 0}))
 
 
 def test_high_res_trajectory_turn_by_turn(built) -> None:

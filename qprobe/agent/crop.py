@@ -36,6 +36,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from qprobe.agent.protocol import Box, ordered_box, read_box, region_line
+from qprobe.agent.protocol_config import PAPER_MAX_PIXELS
 from qprobe.errors import QProbeError
 from qprobe.io import load_image
 
@@ -43,9 +44,8 @@ PATCH = 28  # one merged patch: 14 px ViT patches merged 2x2
 MIN_PIXELS = 56 * 56  # Qwen2.5-VL's processor minimum
 # Qwen2.5-VL's processor maximum (16384 merged patches): the most one image may cost.
 MODEL_MAX_PIXELS = 16384 * PATCH * PATCH  # 12,845,056
-# The paper's Qwen2.5-VL-7B budget for the global view and for each crop: 1280 merged patches.
-DEFAULT_GLOBAL_MAX_PIXELS = 1280 * PATCH * PATCH  # 1,003,520
-DEFAULT_CROP_MAX_PIXELS = 1280 * PATCH * PATCH
+# The protocol's default budgets (qprobe.agent.protocol_config): the paper's Qwen2.5-VL-7B, 1280 merged patches.
+DEFAULT_GLOBAL_MAX_PIXELS = DEFAULT_CROP_MAX_PIXELS = PAPER_MAX_PIXELS
 RESAMPLE = Image.Resampling.BICUBIC  # what Qwen2.5-VL's image processor resizes with
 
 

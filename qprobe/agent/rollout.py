@@ -37,6 +37,7 @@ from qprobe.agent.protocol import (
     tool_turn,
     tool_turn_limit,
 )
+from qprobe.agent.protocol_config import ProtocolLimits
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,12 @@ class RolloutConfig:
     max_new_tokens: int = field(default=1024, metadata={"help": "generated tokens allowed, all turns together"})
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature; 0 is greedy"})
     seed: int = field(default=0, metadata={"help": "seed of turn k is seed + k: a rollout replays exactly"})
+
+    @classmethod
+    def under(cls, limits: ProtocolLimits, **settings: Any) -> RolloutConfig:
+        """The protocol's ``limits`` and a run's other ``settings`` (a lower ``max_crops`` among them)."""
+        return cls(**{"global_max_pixels": limits.global_max_pixels, "crop_max_pixels": limits.crop_max_pixels,
+                      "max_crops": limits.max_crops, **settings})
 
 
 @dataclass

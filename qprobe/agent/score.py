@@ -24,15 +24,16 @@ import json
 import logging
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from qprobe.agent.backends import EndpointArgs
-from qprobe.agent.crop import DEFAULT_CROP_MAX_PIXELS, DEFAULT_GLOBAL_MAX_PIXELS, budget_size
-from qprobe.config import build_parser, parse_config
+from qprobe.agent.crop import budget_size
+from qprobe.agent.protocol_config import PROTOCOL_FIELD, ProtocolLimits, check_limits
+from qprobe.config import build_parser, flag_fields, parse_config
 from qprobe.draw import CROP, PREDICTION, Mark, draw_marks, fit
 from qprobe.errors import QProbeError, describe
 from qprobe.io import (
@@ -59,22 +60,16 @@ class ScoreConfig(EndpointArgs):
     viz: str | None = field(default=None, metadata={"help": "folder to write each photo with its boxes drawn"})
     out: str | None = field(default=None, metadata={
         "help": f"folder for results.csv and results.jsonl (a folder run defaults to {DEFAULT_BATCH_OUT})"})
-    max_crops: int = field(default=3, metadata={"help": "crop calls allowed per photo"})
     seed: int = field(default=0, metadata={"help": "sampling seed (the same for every photo)"})
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature; 0 is greedy"})
-    global_max_pixels: int = field(default=DEFAULT_GLOBAL_MAX_PIXELS, metadata={
-        "help": "pixel budget of the global view (smart_resize; 1280*28*28 as in the paper)"})
-    crop_max_pixels: int = field(default=DEFAULT_CROP_MAX_PIXELS, metadata={
-        "help": "pixel budget of each crop (smart_resize)"})
     max_new_tokens: int = field(default=1024, metadata={"help": "tokens the model may generate per photo, all turns"})
     max_image_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
         "help": "refuse photos with more pixels than this (decompression bombs)"})
+    protocol: ProtocolLimits = field(default_factory=ProtocolLimits, metadata=PROTOCOL_FIELD)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        minimums = {"max_crops": 0, "max_new_tokens": 1, "global_max_pixels": 1,
-                    "crop_max_pixels": 1, "max_image_pixels": 1}
-        for name, minimum in minimums.items():
+        for name, minimum in {"max_new_tokens": 1, "max_image_pixels": 1}.items():
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be at least {minimum}, got {getattr(self, name)}")
         if self.temperature < 0:
@@ -87,7 +82,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[ScoreConfig, list[Path]]:
     args = parser.parse_intermixed_args(list(argv) if argv is not None else None)
     # Hand the flags back to parse_config so they are typed and validated like every stage's.
     flags = ["--params", args.params]
-    for f in fields(ScoreConfig):
+    for f, _ in flag_fields(ScoreConfig):
         value = getattr(args, f.name)
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
@@ -112,7 +107,7 @@ def _load(path: Path, cfg: ScoreConfig) -> Image.Image:
     """The photo, or :class:`ImageError` naming it (unreadable, too many pixels, aspect over 200:1)."""
     image = load_image(path, max_pixels=cfg.max_image_pixels)
     try:
-        budget_size(image.size, cfg.global_max_pixels)
+        budget_size(image.size, cfg.protocol.global_max_pixels)
     except QProbeError as exc:
         raise ImageError(f"{path}: {exc}") from exc
     return image
@@ -204,11 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_out_vs_in(folder, *folders, what=flag)
     if not batch:
         _load(files[0], cfg)  # a bad single photo fails before the model loads
+    check_limits(cfg.model, cfg.protocol, ProtocolLimits.BUDGETS)
     hf_logging.disable_progress_bar()
     backend = cfg.backend(cfg.model)
-    settings = RolloutConfig(global_max_pixels=cfg.global_max_pixels, crop_max_pixels=cfg.crop_max_pixels,
-                             max_crops=cfg.max_crops, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, seed=cfg.seed)
+    settings = RolloutConfig.under(cfg.protocol, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                   seed=cfg.seed)
     results: list[dict[str, Any]] = []
     skipped = 0
     emit = tqdm.write if batch else print

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qprobe.agent.backends import EndpointArgs
-from qprobe.agent.crop import DEFAULT_CROP_MAX_PIXELS, DEFAULT_GLOBAL_MAX_PIXELS
+from qprobe.agent.protocol_config import PROTOCOL_FIELD, ProtocolLimits
 from qprobe.agent.rollout import RolloutConfig
 from qprobe.io import DEFAULT_MAX_PIXELS
 
@@ -34,10 +34,7 @@ class EvaluateConfig(EndpointArgs):
         "help": "at most this many images per set (a seeded sample); null: all"})
     out: str = field(default="outputs/evaluate", metadata={"help": "output folder (report, predictions, plots)"})
     metrics: str = field(default="metrics/evaluate.json", metadata={"help": "DVC metrics file (flat JSON)"})
-    global_max_pixels: int = field(default=DEFAULT_GLOBAL_MAX_PIXELS, metadata={
-        "help": "pixel budget of the global view (smart_resize; 1280*28*28 as in the paper)"})
-    crop_max_pixels: int = field(default=DEFAULT_CROP_MAX_PIXELS, metadata={"help": "pixel budget of each crop"})
-    max_crops: int = field(default=3, metadata={"help": "crop calls allowed per image"})
+    protocol: ProtocolLimits = field(default_factory=ProtocolLimits, metadata=PROTOCOL_FIELD)
     max_new_tokens: int = field(default=1024, metadata={
         "help": "tokens the model may generate per image, all turns"})
     temperature: float = field(default=0.0, metadata={
@@ -75,11 +72,11 @@ class EvaluateConfig(EndpointArgs):
             raise ValueError(f"unknown baseline {unknown[0]!r} (known: {', '.join(BASELINES)})")
         if not self.data:
             raise ValueError("data must name at least one manifest")
-        for name in ("global_max_pixels", "crop_max_pixels", "max_new_tokens", "max_image_pixels", "piqe_tile",
+        for name in ("max_new_tokens", "max_image_pixels", "piqe_tile",
                      "piqe_worst", "gallery"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_crops", "bootstrap", "crop_bias_images", "repeat_images"):
+        for name in ("bootstrap", "crop_bias_images", "repeat_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.bokeh_limit is not None and self.bokeh_limit < 0:
@@ -102,7 +99,7 @@ class EvaluateConfig(EndpointArgs):
         return [MODEL, *[b for b in BASELINES if b in self.baselines]]
 
     def rollout(self, max_crops: int | None = None, temperature: float | None = None) -> RolloutConfig:
-        return RolloutConfig(global_max_pixels=self.global_max_pixels, crop_max_pixels=self.crop_max_pixels,
-                             max_crops=self.max_crops if max_crops is None else max_crops,
-                             max_new_tokens=self.max_new_tokens,
-                             temperature=self.temperature if temperature is None else temperature, seed=self.seed)
+        return RolloutConfig.under(
+            self.protocol, max_crops=self.protocol.max_crops if max_crops is None else max_crops,
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature if temperature is None else temperature,
+            seed=self.seed)

@@ -207,8 +207,8 @@ def run_probes(sets: Sequence[EvalSet], scorers: dict[str, Scorer], backend: Bac
     if cfg.crop_bias_images and pristine:
         images = load(pristine[: cfg.crop_bias_images])
         results["crop_bias"] = {
-            name: crop_bias(scorer, images, cfg.crop_bias_crops, cfg.global_max_pixels, cfg.crop_max_pixels,
-                                   seed=cfg.seed)
+            name: crop_bias(scorer, images, cfg.crop_bias_crops, cfg.protocol.global_max_pixels,
+                            cfg.protocol.crop_max_pixels, seed=cfg.seed)
             for name, scorer in scorers.items()}
     elif cfg.crop_bias_images:
         log.warning("cropping-bias probe skipped: no image marked pristine (has_defect false) in the sets")

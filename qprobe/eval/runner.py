@@ -46,6 +46,7 @@ from typing import Any
 import pandas as pd
 
 from qprobe.agent.backends import Backend
+from qprobe.agent.protocol_config import ProtocolLimits, check_limits
 from qprobe.config import parse_config, to_flat_dict
 from qprobe.errors import QProbeError
 from qprobe.eval.config import MODEL, EvaluateConfig
@@ -76,6 +77,7 @@ def evaluate(cfg: EvaluateConfig, backend: Backend | None = None) -> Evaluation:
     check_owned(cfg.out, "evaluate", known=OUTPUT_NAMES)
     sets = load_sets(cfg)  # bad manifests fail before the model loads
     if backend is None:
+        check_limits(cfg.model, cfg.protocol, ProtocolLimits.BUDGETS)
         backend = cfg.backend(cfg.model)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@ does the rest the same way for every stage:
   (:func:`qprobe.models.factory.load_processor`: image-only, the protocol's chat template and response
   parser), with Qwen2.5-VL's full pixel range, so that the images, which earlier stages already sized
   to their budgets (checked on the data), reach the model unresized: every box in the text is in
-  pixels of exactly those images.
+  pixels of exactly those images. The budgets are the protocol's (``protocol:``,
+  :class:`~qprobe.agent.protocol_config.ProtocolLimits`); the set and the starting model must have been
+  made under the same ones (their recorded limits are checked), and the saved model records them.
 * **Model.** trl loads it from the path (``model_init_kwargs`` set dtype and attention), so ZeRO-3 and
   device placement follow trl's rules. ``lora`` trains adapters instead of the full model;
   ``freeze_vision`` keeps the vision tower as it is (no gradients, and no adapters in it).
@@ -34,7 +36,8 @@ does the rest the same way for every stage:
   metrics (:class:`MlflowLogCallback`; trl's own ``report_to: mlflow`` would open a second run), the
   final metrics, and the final model as a reference to the DVC output: its path and content hash as
   tags, never a copy.
-* **Output.** The final model (LoRA merged into the base) with the processor and chat template, written
+* **Output.** The final model (LoRA merged into the base) with the processor, chat template and the
+  protocol's limits it was trained under (:data:`~qprobe.agent.protocol_config.LIMITS_FILE`), written
   beside ``out`` and renamed into place, loadable by :func:`qprobe.models.factory.load_model`; and the
   metrics file for DVC.
 """
@@ -42,6 +45,7 @@ does the rest the same way for every stage:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -59,7 +63,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer, SFTTrainer
 
 from qprobe import tracking
-from qprobe.agent.crop import DEFAULT_GLOBAL_MAX_PIXELS, MIN_PIXELS, MODEL_MAX_PIXELS
+from qprobe.agent.crop import MIN_PIXELS, MODEL_MAX_PIXELS
+from qprobe.agent.protocol_config import PROTOCOL_FIELD, ProtocolLimits, check_limits, write_limits
 from qprobe.errors import QProbeError
 from qprobe.io import content_hash, write_json_atomic
 from qprobe.models.factory import check_checkpoint, load_processor
@@ -90,8 +95,7 @@ class StageArgs:
         "help": "names of the linear layers that get adapters"})
     freeze_vision: bool = field(default=True, metadata={
         "help": "keep the vision tower (ViT and patch merger) frozen; with LoRA, give it no adapters"})
-    global_max_pixels: int = field(default=DEFAULT_GLOBAL_MAX_PIXELS, metadata={
-        "help": "pixel budget the global views were sized to (the trajectories stage's); larger images are an error"})
+    protocol: ProtocolLimits = field(default_factory=ProtocolLimits, metadata=PROTOCOL_FIELD)
 
     # Config keys that leave the trained weights alone: a change to them resumes the same checkpoints.
     UNTRAINED_KEYS: ClassVar[frozenset[str]] = frozenset({
@@ -113,6 +117,15 @@ class StageArgs:
     @property
     def is_main(self) -> bool:
         return self.process_index == 0
+
+    @property
+    def view_max_pixels(self) -> int:
+        """The pixel budget of the global views in this stage's set (larger ones are an error)."""
+        return self.protocol.global_max_pixels
+
+    def to_dict(self) -> dict[str, Any]:
+        """trl's dict of the config, the protocol's limits as a plain mapping (JSON, MLflow, the fingerprint)."""
+        return {**super().to_dict(), "protocol": dataclasses.asdict(self.protocol)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -151,8 +164,9 @@ def stage_processor(model_path: str | Path) -> Any:
     return processor
 
 
-def load_dataset_dir(path: str | Path, columns: Iterable[str]) -> Any:
-    """A dataset written by ``save_to_disk``, checked for the ``columns`` the stage reads."""
+def load_dataset_dir(path: str | Path, columns: Iterable[str], limits: ProtocolLimits) -> Any:
+    """A dataset written by ``save_to_disk``, checked for the ``columns`` the stage reads and for the
+    protocol ``limits`` it was built under (:func:`~qprobe.agent.protocol_config.check_limits`)."""
     from datasets import Dataset, disable_caching, load_from_disk
 
     # The folder is a DVC output: map/filter must not write their cache files into it (that would
@@ -166,6 +180,7 @@ def load_dataset_dir(path: str | Path, columns: Iterable[str]) -> Any:
         raise QProbeError(f"{path}: no dataset (run `qprobe trajectories` first)") from exc
     if not isinstance(dataset, Dataset):
         raise QProbeError(f"{path}: expected one dataset, found a DatasetDict ({', '.join(dataset)})")
+    check_limits(path, limits)
     missing = sorted(set(columns) - set(dataset.column_names))
     if missing:
         raise QProbeError(f"{path}: missing column {missing[0]!r} (has {', '.join(dataset.column_names)})")
@@ -427,6 +442,7 @@ def save_final(trainer: Any, cfg: StageArgs, model_path: Path, processor: Any) -
     if not cfg.is_main:
         return out
     processor.save_pretrained(str(staging))
+    write_limits(staging, cfg.protocol)
     # The pickled config is in MLflow and params.yaml; the folder holds only what loads the model.
     (staging / "training_args.bin").unlink(missing_ok=True)
     check_checkpoint(staging)
@@ -487,6 +503,7 @@ def run_stage(stage: str, cfg: StageArgs, make_trainer: Callable[[Path, Any], An
 
     start = time.perf_counter()
     model_path = resolve_model(cfg.model)
+    check_limits(model_path, cfg.protocol, ProtocolLimits.BUDGETS)
     processor = stage_processor(model_path)
     inputs = {"model": str(model_path), "dataset": cfg.dataset, **(extra_inputs or {}), **(eval_inputs or {})}
     digests = {name: content_hash(path) for name, path in inputs.items()}

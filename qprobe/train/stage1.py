@@ -66,9 +66,14 @@ class Stage1Config(StageArgs, GRPOConfig):
                 f"sees {per_device // self.num_generations} image(s) per batch: raise per_device_train_batch_size "
                 f"to at least {2 * self.num_generations} (or steps_per_generation)")
 
+    @property
+    def view_max_pixels(self) -> int:
+        """Stage 1 learns from low-resolution photos, each its own global view: the low-resolution budget."""
+        return self.protocol.low_res_max_pixels
+
     def reward_context(self) -> dict[str, Any]:
         """What the stage knows that rewards may take as options."""
-        return {"num_generations": self.num_generations, "global_max_pixels": self.global_max_pixels}
+        return {"num_generations": self.num_generations, "global_max_pixels": self.view_max_pixels}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,8 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     cfg = parse_config(Stage1Config, "stage1", argv, prog="qprobe train stage1", description=main.__doc__)
     reward_funcs, _ = build_rewards(cfg.rewards, cfg.reward_options, cfg.reward_context())
-    dataset = load_dataset_dir(cfg.dataset, ["prompt", "images", *required_columns(cfg.rewards)])
-    check_pixel_budgets(dataset, cfg.global_max_pixels)
+    dataset = load_dataset_dir(cfg.dataset, ["prompt", "images", *required_columns(cfg.rewards)], cfg.protocol)
+    check_pixel_budgets(dataset, cfg.view_max_pixels)
 
     def make_trainer(model_path: Path, processor: Any) -> GRPOStageTrainer:
         return GRPOStageTrainer(model=str(model_path), args=cfg, reward_funcs=reward_funcs, train_dataset=dataset,

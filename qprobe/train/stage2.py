@@ -13,7 +13,6 @@ from typing import Any, ClassVar
 
 from trl import SFTConfig
 
-from qprobe.agent.crop import DEFAULT_CROP_MAX_PIXELS
 from qprobe.config import parse_config
 from qprobe.errors import QProbeError
 from qprobe.train.common import (
@@ -42,22 +41,15 @@ class Stage2Config(StageArgs, SFTConfig):
     kind_repeats: dict[str, int] = field(default_factory=lambda: {"low": 1, "high": 1}, metadata={
         "help": "times each sample of a kind (low: one-turn low-resolution, high: multi-turn with crops) is "
                 "seen per epoch; 0 leaves the kind out. 1 and 1 keep the data's mix (2:1, the paper's)"})
-    crop_max_pixels: int = field(default=DEFAULT_CROP_MAX_PIXELS, metadata={
-        "help": "pixel budget the crops were sized to (the trajectories stage's)"})
-    max_crops: int = field(default=3, metadata={"help": "crop budget of the held-out rollouts (as in training)"})
     heldout_bench: str = field(default="data/bench", metadata={
         "help": "bench whose heldout_split, scenes no training set holds, checks the trained model"})
     heldout_split: str = field(default="val", metadata={"help": "the bench split held out from training"})
     heldout_samples: int = field(default=12, metadata={"help": "held-out photos to roll out"})
     heldout_max_new_tokens: int = field(default=640, metadata={
         "help": "token budget of one held-out rollout, all turns together"})
-    low_res_max_pixels: int = field(default=50176, metadata={
-        "help": "the trajectories stage's low-resolution budget: each held-out photo is also rolled out "
-                "downscaled to it, where cropping reveals nothing and the model should answer at once"})
 
     UNTRAINED_KEYS: ClassVar[frozenset[str]] = StageArgs.UNTRAINED_KEYS | {
-        "max_crops", "heldout_bench", "heldout_split", "heldout_samples", "heldout_max_new_tokens",
-        "low_res_max_pixels"}
+        "heldout_bench", "heldout_split", "heldout_samples", "heldout_max_new_tokens"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,8 +103,7 @@ def rollout_metrics(backend: Any, photos: list[tuple[str, Any]], cfg: Stage2Conf
     from qprobe.agent.rollout import RolloutConfig, rollout
     from qprobe.rewards import well_formed
 
-    config = RolloutConfig(global_max_pixels=cfg.global_max_pixels, crop_max_pixels=cfg.crop_max_pixels,
-                           max_crops=cfg.max_crops, max_new_tokens=cfg.heldout_max_new_tokens, seed=cfg.seed)
+    config = RolloutConfig.under(cfg.protocol, max_new_tokens=cfg.heldout_max_new_tokens, seed=cfg.seed)
     first_ok = called = answered = whole_ok = 0
     for photo_id, image in photos:
         trace = rollout(backend, image, config, source=photo_id)
@@ -137,7 +128,7 @@ def heldout_metrics(model_dir: Path, cfg: Stage2Config) -> dict[str, float]:
 
     backend = TransformersBackend(str(model_dir))
     photos = new_scenes(cfg.heldout_bench, cfg.heldout_split, cfg.heldout_samples)
-    small = [(photo_id, global_view(image, cfg.low_res_max_pixels)[0]) for photo_id, image in photos]
+    small = [(photo_id, global_view(image, cfg.protocol.low_res_max_pixels)[0]) for photo_id, image in photos]
     low_res = rollout_metrics(backend, small, cfg)
     return {**rollout_metrics(backend, photos, cfg),
             **{f"{k}_low_res": low_res[k] for k in ("format_adherence", "answer_first_rate")}}
@@ -169,8 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         accelerate launch --config_file infra/accelerate/zero3.yaml -m qprobe.cli train stage2
     """
     cfg = parse_config(Stage2Config, "stage2", argv, prog="qprobe train stage2", description=main.__doc__)
-    dataset = load_dataset_dir(cfg.dataset, ["id", "messages", "kind"])
-    check_pixel_budgets(dataset, cfg.global_max_pixels, cfg.crop_max_pixels)
+    dataset = load_dataset_dir(cfg.dataset, ["id", "messages", "kind"], cfg.protocol)
+    check_pixel_budgets(dataset, cfg.view_max_pixels, cfg.protocol.crop_max_pixels)
     dataset = repeat_kinds(dataset, cfg.kind_repeats)
 
     def make_trainer(model_path: Path, processor: Any) -> SFTStageTrainer:

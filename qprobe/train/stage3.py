@@ -20,7 +20,7 @@ from trl import GRPOConfig
 from trl.trainer.utils import get_callable_name
 
 from qprobe.agent import protocol
-from qprobe.agent.crop import DEFAULT_CROP_MAX_PIXELS, CropTool, Geometry
+from qprobe.agent.crop import CropTool, Geometry
 from qprobe.config import parse_config
 from qprobe.errors import QProbeError
 from qprobe.rewards import MIN_REWARD, RewardFn, build_rewards, final_answer, required_columns
@@ -62,11 +62,6 @@ class Stage3Config(StageArgs, GRPOConfig):
         "help": "decoupled: R = alpha R_acc + beta R_loc + gamma R_format, each component a reward function of "
                 "its own for trl (logged apart, normalised apart under multi_objective_aggregation: "
                 "normalize_then_sum); joint: one coupled reward R = R_acc (1 + R_loc) R_format, weights unused"})
-    crop_max_pixels: int = field(default=DEFAULT_CROP_MAX_PIXELS, metadata={
-        "help": "pixel budget of each crop (the trajectories stage's): the crop tool sizes crops to it"})
-    max_crops: int = field(default=3, metadata={
-        "help": "crop calls per rollout, the budget the prompts state; one more call gets the tool's refusal "
-                "(so max_tool_calling_iterations is max_crops + 1, as at inference) and a further one ends it"})
     torch_threads: int | None = field(default=None, metadata={
         "help": "CPU threads of torch (torch.set_num_threads); null: torch's default, every core. Token-by-token "
                 "generation of a small model runs many times faster on 1 thread than on 2 contended ones"})
@@ -81,9 +76,11 @@ class Stage3Config(StageArgs, GRPOConfig):
         weights = list(self.rewards.values()) if self.reward_mode == "decoupled" else [1.0]
         if self.reward_weights not in (None, weights):
             raise ValueError("set the weights in `rewards: {name: weight}`, not reward_weights")
-        if self.max_crops < 1:
+        # protocol.max_crops calls, and one more that gets the tool's refusal (as at inference).
+        max_crops = self.protocol.max_crops
+        if max_crops < 1:
             raise ValueError("max_crops must be at least 1: stage 3 trains the crop tool's use")
-        turns = protocol.tool_turn_limit(self.max_crops)
+        turns = protocol.tool_turn_limit(max_crops)
         if self.max_tool_calling_iterations not in (None, turns):
             raise ValueError(f"set max_crops, not max_tool_calling_iterations: it follows from max_crops ({turns})")
         self.max_tool_calling_iterations = turns
@@ -112,7 +109,7 @@ class Stage3Config(StageArgs, GRPOConfig):
 
     def reward_context(self) -> dict[str, Any]:
         """What the stage knows that rewards may take as options."""
-        return {"num_generations": self.num_generations, "global_max_pixels": self.global_max_pixels}
+        return {"num_generations": self.num_generations, "global_max_pixels": self.view_max_pixels}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -341,21 +338,22 @@ def check_prompts(dataset: Any, cfg: Stage3Config) -> None:
     The tool maps boxes with the global budget and refuses calls past ``max_crops``: a set built with other
     budgets would have the model point with one geometry and crop with another.
     """
+    limits = cfg.protocol
     for i, row in enumerate(dataset.select_columns(["prompt", "width", "height"])):
         size = (row["width"], row["height"])
-        expected = protocol.user_prompt(Geometry.for_size(size, cfg.global_max_pixels).view, size, cfg.max_crops)
+        expected = protocol.user_prompt(Geometry.for_size(size, limits.global_max_pixels).view, size, limits.max_crops)
         stated = [b.get("text") for m in row["prompt"] if m["role"] == "user" for b in m["content"]
                   if b.get("type") == "text"]
         if expected not in stated:
             raise QProbeError(f"{cfg.dataset} row {i}: the prompt says {stated!r}, but the crop tool of this stage "
-                              f"(global_max_pixels {cfg.global_max_pixels}, max_crops {cfg.max_crops}) gives "
+                              f"(global_max_pixels {limits.global_max_pixels}, max_crops {limits.max_crops}) gives "
                               f"{expected!r}; build the trajectories with the same budgets")
 
 
 def crop_environment(cfg: Stage3Config) -> Callable[[], CropTool]:
     """trl's ``environment_factory``: one crop tool per rollout, with the stage's budgets."""
-    return functools.partial(CropTool, global_max_pixels=cfg.global_max_pixels, crop_max_pixels=cfg.crop_max_pixels,
-                             max_calls=cfg.max_crops)
+    return functools.partial(CropTool, global_max_pixels=cfg.protocol.global_max_pixels,
+                             crop_max_pixels=cfg.protocol.crop_max_pixels, max_calls=cfg.protocol.max_crops)
 
 
 def originals_folder(dataset: Any) -> str:
@@ -405,8 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(cfg.torch_threads)
     dataset = load_dataset_dir(cfg.dataset, ["prompt", "images", "original", "width", "height",
-                                             *required_columns(cfg.rewards)])
-    check_pixel_budgets(dataset, cfg.global_max_pixels)
+                                             *required_columns(cfg.rewards)], cfg.protocol)
+    check_pixel_budgets(dataset, cfg.view_max_pixels)
     check_prompts(dataset, cfg)
 
     reports: list[RolloutReport] = []  # the trainer's, once built

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from qprobe.agent import protocol
 from qprobe.agent.crop import CropTool, global_view
+from qprobe.agent.protocol_config import write_limits
 from qprobe.bench.texture import TextureMap, texture_map
 from qprobe.config import parse_config, to_flat_dict
 from qprobe.data.manifest import image_path, read_manifest
@@ -130,13 +131,14 @@ def high_res_sample(photo: BenchPhoto, cfg: TrajectoriesConfig, rng: random.Rand
     width, height = photo.image.size
     defects = photo.defects
     salient = salient_regions(photo.texture, cfg.planner.clean_crop_fraction)
-    plan = plan_crops([d[2] for d in defects], width, height, cfg.planner, rng, salient)
-    tool = CropTool(photo.image, cfg.global_max_pixels, cfg.crop_max_pixels, max_calls=cfg.max_crops)
-    view, geometry = global_view(photo.image, cfg.global_max_pixels)
+    limits = cfg.protocol
+    plan = plan_crops([d[2] for d in defects], width, height, cfg.planner, rng, limits.max_crops, salient)
+    tool = CropTool(photo.image, limits.global_max_pixels, limits.crop_max_pixels, max_calls=limits.max_crops)
+    view, geometry = global_view(photo.image, limits.global_max_pixels)
     scale = protocol.downscale_factor(view.size, (width, height))
-    messages = protocol.global_turn(view, (width, height), cfg.max_crops)
+    messages = protocol.global_turn(view, (width, height), limits.max_crops)
     crops: list[list[int]] = []
-    for i, (box, _) in enumerate(plan[: cfg.max_crops]):
+    for i, (box, _) in enumerate(plan):
         inside = tuple(d for d in defects if _contains(box, d[2]))
         facts = composer.CropFacts(box=box, defects=inside, texture=photo.texture.box_mean(box))
         lead = (composer.global_impression(facts, width, height, photo.row["mos"], scale, rng) if i == 0
@@ -155,7 +157,7 @@ def high_res_sample(photo: BenchPhoto, cfg: TrajectoriesConfig, rng: random.Rand
     answer = protocol.render_answer(photo.row["mos"], answer_defects)
     final_think = composer.verdict(photo.row["mos"], len(defects))
     messages = _attach_scrutiny(messages, final_think, answer)
-    return _sample(photo, "high", messages, crops, [bool(h) for _, h in plan[: cfg.max_crops]])
+    return _sample(photo, "high", messages, crops, [bool(h) for _, h in plan])
 
 
 def _contains(outer: Sequence[int], inner: Sequence[int]) -> bool:
@@ -181,11 +183,11 @@ def _attach_scrutiny(messages: list[dict[str, Any]], final_think: str, answer: s
 
 def low_res_sample(photo: BenchPhoto, cfg: TrajectoriesConfig, rng: random.Random) -> dict[str, Any]:
     """A one-turn sample: the photo at the low-resolution budget is its own global view."""
-    small, _ = global_view(photo.image, cfg.low_res_max_pixels)
-    _, geometry = global_view(small, cfg.global_max_pixels)
+    small, _ = global_view(photo.image, cfg.protocol.low_res_max_pixels)
+    _, geometry = global_view(small, cfg.protocol.global_max_pixels)
     sx, sy = small.size[0] / photo.image.size[0], small.size[1] / photo.image.size[1]
     defects = [(t, s, (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy)) for t, s, b in photo.defects]
-    messages = protocol.global_turn(small, small.size, cfg.max_crops)
+    messages = protocol.global_turn(small, small.size, cfg.protocol.max_crops)
     think = composer.low_res_impression(photo.row["mos"], defects, *small.size, rng)
     answer = protocol.render_answer(photo.row["mos"], [
         protocol.Defect(bbox=tuple(_outward(geometry.to_view(b))), type=t) for t, _, b in defects])
@@ -231,8 +233,8 @@ def _sample(photo: BenchPhoto, kind: str, messages: list[dict[str, Any]], crops:
 
 
 def rl_prompt(photo: BenchPhoto, cfg: TrajectoriesConfig, root: Path) -> dict[str, Any]:
-    view, _ = global_view(photo.image, cfg.global_max_pixels)
-    messages = _strip_images(protocol.global_turn(view, photo.image.size, cfg.max_crops))
+    view, _ = global_view(photo.image, cfg.protocol.global_max_pixels)
+    messages = _strip_images(protocol.global_turn(view, photo.image.size, cfg.protocol.max_crops))
     return {
         "id": photo.row["id"], "source": photo.row["source"], "split": photo.row["split"],
         "prompt": messages, "images": [view], "mos": float(photo.row["mos"]),
@@ -243,7 +245,7 @@ def rl_prompt(photo: BenchPhoto, cfg: TrajectoriesConfig, root: Path) -> dict[st
 
 
 def stage1_prompt(row: dict[str, Any], image: Image.Image, cfg: TrajectoriesConfig) -> dict[str, Any]:
-    view, _ = global_view(image, cfg.low_res_max_pixels)
+    view, _ = global_view(image, cfg.protocol.low_res_max_pixels)
     return {
         "id": row["id"], "source": row["source"], "split": row["split"],
         "prompt": _strip_images(protocol.global_turn(view, view.size, 0)), "images": [view],
@@ -330,6 +332,7 @@ def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
     shutil.rmtree(staging, ignore_errors=True)
     for name, records in (("stage1", stage1), ("sft", sft), ("rl", rl)):
         Dataset.from_list(records, features=_sft_features() if name == "sft" else None).save_to_disk(str(staging / name))
+        write_limits(staging / name, cfg.protocol)  # what the training stages check the set against
     write_text_atomic(staging / "samples.html", samples_html(sft, cfg.samples_html))
     mark_owned(staging, "trajectories")
     # Swap in the finished folder in one rename, so a killed run never leaves a half-written set.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qprobe.agent.protocol_config import PROTOCOL_FIELD, ProtocolLimits
 from qprobe.trajectories.planner import PlannerConfig
 
 
@@ -28,13 +29,9 @@ class TrajectoriesConfig:
     stage1_source: str = field(default="bench", metadata={
         "help": "'bench' (low-resolution views of the bench's training split) or a manifest path (public IQA set)"})
     stage1_size: int = field(default=0, metadata={"help": "stage-1 samples (0: every training image once)"})
-    global_max_pixels: int = field(default=50176, metadata={
-        "help": "pixel budget of the global view (smart_resize); the paper's 7B uses 1003520"})
-    crop_max_pixels: int = field(default=50176, metadata={"help": "pixel budget of each crop"})
-    low_res_max_pixels: int = field(default=50176, metadata={
-        "help": "size of a low-resolution sample: the whole photo at this budget is its own global view"})
-    max_crops: int = field(default=3, metadata={"help": "crop budget stated in the prompt"})
-    planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={"help": "crop planner (a mapping)"})
+    protocol: ProtocolLimits = field(default_factory=ProtocolLimits, metadata=PROTOCOL_FIELD)
+    planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={
+        "help": "crop planner (a mapping); it plans protocol.max_crops crops at most"})
     samples_html: int = field(default=8, metadata={"help": "trajectories drawn in samples.html"})
     teacher: str | None = field(default=None, metadata={
         "help": "OpenAI-compatible VLM endpoint that rewrites the reasoning of high-resolution samples"})
@@ -44,5 +41,7 @@ class TrajectoriesConfig:
     def __post_init__(self) -> None:
         if self.low_high_ratio < 0 or self.sft_size < 1:
             raise ValueError("need low_high_ratio >= 0 and sft_size >= 1")
+        if self.protocol.max_crops < 1:
+            raise ValueError("protocol.max_crops must be at least 1: a high-resolution trajectory crops")
         if "test" in self.train_splits:
             raise ValueError("train_splits must not contain 'test': no test photo may reach training")

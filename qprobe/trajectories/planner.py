@@ -37,7 +37,6 @@ class PlannerConfig:
     margin: float = field(default=0.25, metadata={
         "help": "pristine margin on each side, as a fraction of the defect's width/height (where the image allows)"})
     max_aspect: float = field(default=2.5, metadata={"help": "largest crop aspect ratio (long side / short side)"})
-    max_crops: int = field(default=3, metadata={"help": "most crops per trajectory"})
     clean_crop_prob: float = field(default=0.3, metadata={
         "help": "probability that a degraded image also gets one crop of a clean region"})
     clean_crop_fraction: float = field(default=0.12, metadata={
@@ -47,8 +46,8 @@ class PlannerConfig:
     def __post_init__(self) -> None:
         if not 1.0 <= self.area_ratio_min <= self.area_ratio_max:
             raise ValueError("need 1 <= area_ratio_min <= area_ratio_max")
-        if self.max_aspect < 1.0 or self.max_crops < 1 or self.margin < 0:
-            raise ValueError("need max_aspect >= 1, max_crops >= 1, margin >= 0")
+        if self.max_aspect < 1.0 or self.margin < 0:
+            raise ValueError("need max_aspect >= 1, margin >= 0")
 
 
 def contains(outer: Sequence[float], inner: Sequence[float]) -> bool:
@@ -119,17 +118,20 @@ def _cluster(defects: Sequence[Sequence[float]], width: int, height: int, cfg: P
 
 
 def plan_crops(defects: Sequence[Sequence[float]], width: int, height: int, cfg: PlannerConfig,
-               rng: random.Random, salient: Sequence[Sequence[float]] = ()) -> list[tuple[Box, bool]]:
-    """Crops for one image as ``(box, covers_a_defect)`` pairs, in original pixels.
+               rng: random.Random, max_crops: int, salient: Sequence[Sequence[float]] = ()) -> list[tuple[Box, bool]]:
+    """Crops for one image as ``(box, covers_a_defect)`` pairs, in original pixels: ``max_crops`` at most
+    (the protocol's crop budget, which the trajectory's prompt states), so every planned crop is made.
 
     ``salient`` holds candidate clean regions (texture-rich areas from the bench's texture map), used
     for pristine images and for the occasional clean crop of a degraded one.
     """
+    if max_crops < 1:
+        raise ValueError(f"max_crops must be at least 1 to plan crops, got {max_crops}")
     if cfg.strategy == "degradation_only":
-        return [(tight_crop(b, width, height, cfg), True) for b in defects[: cfg.max_crops]]
+        return [(tight_crop(b, width, height, cfg), True) for b in defects[:max_crops]]
     crops = [(context_crop(t, width, height, cfg, rng), True) for t in _cluster(defects, width, height, cfg)]
-    crops = crops[: cfg.max_crops]
-    want_clean = not defects or (len(crops) < cfg.max_crops and rng.random() < cfg.clean_crop_prob)
+    crops = crops[:max_crops]
+    want_clean = not defects or (len(crops) < max_crops and rng.random() < cfg.clean_crop_prob)
     if want_clean:
         crops.append((clean_crop(defects, width, height, cfg, rng, salient), False))
     return crops

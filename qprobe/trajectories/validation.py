@@ -56,7 +56,7 @@ def _margins(cfg: TrajectoriesConfig) -> Any:
             covering = [c for c, has in zip(row.crops, row.crop_has_defect, strict=True) if has]
             for d in row.defects:
                 owners = [c for c in covering if c[0] <= d[0] and c[1] <= d[1] and c[2] >= d[2] and c[3] >= d[3]]
-                if not owners and len(covering) < cfg.planner.max_crops:
+                if not owners and len(covering) < cfg.protocol.max_crops:
                     yield f"{row.id}: defect {list(d)} is in no crop"
                     continue
                 if owners and not any(_surrounded(c, d, row.width, row.height, cfg.planner.margin) for c in owners):
