@@ -109,7 +109,7 @@ def test_random_tiny_model_end_to_end(bench: Path, tiny_model_dir: Path, tmp_pat
     assert set(groups["by"]) == {"type", "severity"} and "pristine" in set(groups["group"])
     assert not list((out / "plots").glob("curves_*.csv"))
     report = (out / "report.html").read_text()
-    assert "unanswered" in report and "No MLflow run of the training stages" in report
+    assert "unanswered" in report and "No curve file of the training stages" in report
 
     (run,) = _stage_runs()
     assert run.data.metrics["bench.piqe.answer_rate"] == 1

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -92,6 +93,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(case: str, tmp_path: Pat
     # The weights did change: equal final models from a run that never trained would prove nothing.
     start = load_file(tiny_model_dir / "model.safetensors")
     assert any(not torch.allclose(start[k], got[k]) for k in start if "visual" not in k)
+
+    # The curve file (the stage's DVC plot) of the resumed run covers every step, as the uninterrupted one's.
+    curves = {name: pd.read_csv(tmp_path / name / "m_curves.csv") for name in ("whole", "killed")}
+    assert list(curves["killed"]["step"]) == list(range(1, overrides["max_steps"] + 1))
+    for key in keys:
+        assert curves["killed"][key].to_numpy() == pytest.approx(curves["whole"][key].to_numpy(), rel=1e-5, abs=1e-7)
 
 
 @pytest.fixture

@@ -60,8 +60,9 @@ class EvaluateConfig(EndpointArgs):
     repeat_runs: int = field(default=3, metadata={"help": "sampled runs per image in that probe"})
     repeat_temperature: float = field(default=0.7, metadata={"help": "sampling temperature of those runs"})
     gallery: int = field(default=4, metadata={"help": "worst and best cases shown in the report, each"})
-    training_stages: list[str] = field(default_factory=lambda: list(TRAINING_STAGES), metadata={
-        "help": "stages whose MLflow runs give the report's reward curves"})
+    curves: list[str] = field(default_factory=lambda: [f"metrics/{s}_curves.csv" for s in TRAINING_STAGES],
+                              metadata={"help": "the training stages' curve files the report draws (a missing one "
+                                                "is skipped)"})
     max_image_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
         "help": "refuse images with more pixels than this (decompression bombs)"})
 

@@ -1,48 +1,48 @@
-"""The training curves the report draws: reward and loss histories of the training stages' MLflow runs."""
+"""The training curves the report draws: the reward and loss columns of each training stage's curve file.
+
+Each training stage writes every logged step's figures to ``metrics/<stage>_curves.csv``
+(:func:`qprobe.train.common.write_curves`), a DVC output that the evaluate stage depends on, so the
+report's curves are those of the very models it evaluates, whatever the MLflow store holds.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 
 log = logging.getLogger(__name__)
 
+CURVES_SUFFIX = "_curves"
 
-def training_curves(stages: Sequence[str]) -> pd.DataFrame | None:
-    """Reward (and loss) histories of the latest MLflow run of each training stage; ``None`` if there are none.
 
-    Looks in the tracking store and experiment the stage runs use (:mod:`qprobe.tracking`); a store
-    that cannot be read is logged and treated as empty: curves are a nicety, not a reason to fail.
+def stage_of(path: str | Path) -> str:
+    """The stage a curve file belongs to: ``metrics/stage2_curves.csv`` -> ``stage2``."""
+    return Path(path).stem.removesuffix(CURVES_SUFFIX)
+
+
+def training_curves(paths: Sequence[str | Path]) -> pd.DataFrame | None:
+    """The reward and loss columns of the curve files, long: ``stage``, ``metric``, ``step``, ``value``.
+
+    ``None`` when there are none. A missing or unreadable file is logged and left out: curves are a
+    nicety of the report, not a reason to fail (the pipeline declares them, so there they exist).
     """
-    from qprobe.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, tracking_uri
-
-    if not stages:
+    parts = []
+    for path in map(Path, paths):
+        try:
+            wide = pd.read_csv(path)
+        except (OSError, ValueError) as exc:
+            log.warning("training curves of %s skipped: %s", path, str(exc).splitlines()[0][:200])
+            continue
+        if "step" not in wide.columns:
+            log.warning("training curves of %s skipped: no step column", path)
+            continue
+        shown = [c for c in wide.columns if "reward" in c.lower() or c.lower().endswith("loss")]
+        long = wide.melt(id_vars="step", value_vars=shown, var_name="metric", value_name="value").dropna()
+        parts.append(long.assign(stage=stage_of(path)))
+    if not parts:
         return None
-    try:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri())
-        experiment = client.get_experiment_by_name(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
-        if experiment is None:
-            return None
-        rows = []
-        for stage in stages:
-            runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`qprobe.stage` = '{stage}'",
-                                      order_by=["attributes.start_time DESC"], max_results=1)
-            if not runs:
-                continue
-            run = runs[0]
-            for key in sorted(run.data.metrics):
-                if "reward" not in key.lower() and not key.lower().endswith("loss"):
-                    continue
-                history = client.get_metric_history(run.info.run_id, key)
-                rows.extend({"stage": stage, "run_id": run.info.run_id, "metric": key, "step": m.step,
-                             "value": m.value} for m in history)
-    except Exception as exc:  # any store trouble (locked sqlite, unreachable server) only costs the curves
-        log.warning("training curves skipped: cannot read MLflow (%s)", str(exc).splitlines()[0][:200])
-        return None
-    frame = pd.DataFrame(rows)
-    return frame.sort_values(["stage", "metric", "step"]).reset_index(drop=True) if len(frame) else None
+    frame = pd.concat(parts, ignore_index=True)[["stage", "metric", "step", "value"]]
+    return frame.sort_values(["stage", "metric", "step"], kind="stable").reset_index(drop=True) if len(frame) else None

@@ -42,14 +42,14 @@ def _json_list(values: Any) -> str:
     return json.dumps(values, separators=(",", ":"))
 
 
-def write_tables(frame: pd.DataFrame, nested: dict[str, dict[str, dict]], curves: pd.DataFrame | None,
-                 methods: Sequence[str], out: Path) -> None:
+def write_tables(frame: pd.DataFrame, nested: dict[str, dict[str, dict]], methods: Sequence[str],
+                 out: Path) -> None:
     """``predictions.csv`` (long: one row per image and method) and the DVC plot data under ``plots/``.
 
     Plot data is wide, one series per column, the shape ``dvc plots`` draws without a custom
     template: ``scatter_<set>.csv`` (``id, mos, has_defect`` and one score column per method; x
-    ``mos``, y the methods), ``groups_<set>.csv`` (``by, group, n`` and ``<method>_srcc`` /
-    ``<method>_mae``) and ``curves_<stage>.csv`` (``step`` and one column per logged metric).
+    ``mos``, y the methods) and ``groups_<set>.csv`` (``by, group, n`` and ``<method>_srcc`` /
+    ``<method>_mae``). The training curves are the training stages' own plot files.
     """
     table = frame.copy()
     for column in ("types", "true_defects", "defects", "crops"):
@@ -71,10 +71,6 @@ def write_tables(frame: pd.DataFrame, nested: dict[str, dict[str, dict]], curves
                     # No dot in column names: Vega-Lite (dvc plots) reads "a.b" as a nested field.
                     row["n" if match[3] == "n" else f"{method}_{match[3]}"] = value
         write_text_atomic(plots / f"groups_{set_name}.csv", pd.DataFrame(list(rows.values())).to_csv(index=False))
-    if curves is not None:
-        for stage, part in curves.groupby("stage", sort=False):
-            wide = part.pivot_table(index="step", columns="metric", values="value", aggfunc="last").reset_index()
-            write_text_atomic(plots / f"curves_{stage}.csv", wide.to_csv(index=False))
 
 
 def write_traces(traces: Sequence[dict[str, Any]], path: Path) -> None:

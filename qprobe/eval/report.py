@@ -2,8 +2,8 @@
 
 :func:`write_figures` draws the plots as PNG files (``dvc plots`` can show them too):
 predicted score against MOS per set and method with the fitted logistic mapping, SRCC per
-degradation type and MAE per severity, and the reward curves of the training stages when MLflow
-has them. :func:`write_report` writes ``report.html``: tables of every metric with its bootstrap
+degradation type and MAE per severity, and the reward curves of the training stages when their
+curve files exist. :func:`write_report` writes ``report.html``: tables of every metric with its bootstrap
 interval, outcomes and parse failures, localisation, cost per image, the probes, those figures and a
 gallery of the worst and best cases with the true (green) and predicted (red) defect boxes and the
 regions the agent cropped (cyan). The page is ``templates/report.html.jinja`` (autoescaped, with the
@@ -186,7 +186,7 @@ def _curves(curves: pd.DataFrame, path: Path) -> Path:
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
-    fig.suptitle("Training curves (latest MLflow run of each stage)", fontsize=10)
+    fig.suptitle("Training curves (each stage's curve file)", fontsize=10)
     return _save(fig, path)
 
 
@@ -456,7 +456,7 @@ def _training(data: ReportData, figures: dict[str, Path]) -> list[Block]:
     if "reward_curves" in figures:
         return [_png(figures["reward_curves"], "training curves")]
     stages = ", ".join(data.stages) or "none"
-    return [Paragraph(f"No MLflow run of the training stages ({stages}) was found; no curves.")]
+    return [Paragraph(f"No curve file of the training stages ({stages}) was found; no curves.")]
 
 
 NOTES = (

@@ -18,8 +18,8 @@ boxes (mean Hungarian IoU, recall and precision at IoU 0.5, false alarms on pris
 for the agents the cost per image: turns, crops, visual and text tokens, seconds, and the
 visual-token ratio to one pass at full resolution. Then the behavioural probes
 (:mod:`qprobe.eval.probes`): cropping bias on pristine images, bokeh on shallow-depth-of-field
-photos, and repeatability under sampling. The reward curves of the training stages come from their
-MLflow runs when there are any (:mod:`qprobe.eval.curves`).
+photos, and repeatability under sampling. The reward curves of the training stages come from the
+curve files each stage writes beside its metrics (:mod:`qprobe.eval.curves`).
 
 Outputs (``--out DIR``, :mod:`qprobe.eval.outputs`): ``predictions.csv`` (one row per image and
 method), ``traces.jsonl`` (every agent turn), ``probes.json``, ``plots/`` (DVC plot data: predicted
@@ -50,7 +50,7 @@ from qprobe.agent.protocol_config import ProtocolLimits, check_limits
 from qprobe.config import parse_config, to_flat_dict
 from qprobe.errors import QProbeError
 from qprobe.eval.config import MODEL, EvaluateConfig
-from qprobe.eval.curves import training_curves
+from qprobe.eval.curves import stage_of, training_curves
 from qprobe.eval.outputs import OUTPUT_NAMES, flat_metrics, write_probes, write_tables, write_traces
 from qprobe.eval.probes import ProbeResult, run_probes
 from qprobe.eval.report import ReportData, write_figures, write_report
@@ -90,20 +90,20 @@ def evaluate(cfg: EvaluateConfig, backend: Backend | None = None) -> Evaluation:
         raise QProbeError(f"no readable image in {', '.join(str(s.manifest) for s in sets)}")
     nested = all_metrics(frame, sets, cfg)
     probe_results = run_probes(sets, scorers, backend, cfg)
-    curves = training_curves(cfg.training_stages)
+    curves = training_curves(cfg.curves)
     seconds = time.perf_counter() - start
     extra = {f"{s.name}.images": float(len(s.rows) - skipped[s.name]) for s in sets}
     extra.update({f"{s.name}.skipped": float(skipped[s.name]) for s in sets})
     extra["seconds"] = round(seconds, 2)
     flat = flat_metrics(nested, probe_results, extra)
 
-    write_tables(frame, nested, curves, cfg.methods, out)
+    write_tables(frame, nested, cfg.methods, out)
     write_traces(traces, out / "traces.jsonl")
     write_probes(probe_results, out / "probes.json")
     data = ReportData(
         title="Q-Probe evaluation", model=backend.name, config=to_flat_dict(cfg), sets=[s.name for s in sets],
         methods=cfg.methods, nested=nested, predictions=frame, probes=probe_results, curves=curves,
-        gallery=cfg.gallery, stages=list(cfg.training_stages), seconds=seconds,
+        gallery=cfg.gallery, stages=[stage_of(p) for p in cfg.curves], seconds=seconds,
     )
     figures = write_figures(data, out / "plots")
     report = write_report(data, figures, out / "report.html")
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with the model, the model without its crop tool and PIQE (globally and patch-wise); compute each
     method's correlations with MOS and their bootstrap intervals, per-type and per-severity
     statistics, box localisation and cost; run the cropping-bias, bokeh and repeatability probes;
-    read the training stages' reward curves from MLflow; write the tables, plot data, report and
+    read the training stages' curve files; write the tables, plot data, report and
     the flat metrics file.
 
     With no options it runs the ``evaluate:`` section of ``params.yaml`` (what ``dvc repro evaluate`` runs)::

@@ -66,7 +66,7 @@ from qprobe import tracking
 from qprobe.agent.crop import MIN_PIXELS, MODEL_MAX_PIXELS
 from qprobe.agent.protocol_config import PROTOCOL_FIELD, ProtocolLimits, check_limits, write_limits
 from qprobe.errors import QProbeError
-from qprobe.io import content_hash, write_json_atomic
+from qprobe.io import content_hash, write_json_atomic, write_text_atomic
 from qprobe.models.factory import check_checkpoint, load_processor
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,9 @@ class StageArgs:
     dataset: str = field(default="", metadata={"help": "training set: a folder written by `save_to_disk`"})
     out: str = field(default="", metadata={"help": "folder of the final model (the DVC output)"})
     metrics: str = field(default="", metadata={"help": "JSON file of the final metrics (DVC metrics)"})
+    curves: str = field(default="", metadata={
+        "help": "CSV of every logged step's figures (loss, rewards, ...), the stage's DVC plot and the report's "
+                "training curves; default: beside metrics, as STEM_curves.csv"})
     resume: str = field(default="auto", metadata={
         "help": "auto: continue from the last checkpoint of this configuration in output_dir, if any; "
                 "never: start afresh (its checkpoints are removed); or the path of a checkpoint folder"})
@@ -101,7 +104,7 @@ class StageArgs:
     UNTRAINED_KEYS: ClassVar[frozenset[str]] = frozenset({
         "max_steps", "num_train_epochs", "save_steps", "save_strategy", "save_total_limit", "logging_steps",
         "logging_strategy", "logging_first_step", "logging_dir", "output_dir", "run_name", "report_to", "resume",
-        "out", "metrics", "local_rank", "dataloader_num_workers", "disable_tqdm",
+        "out", "metrics", "curves", "local_rank", "dataloader_num_workers", "disable_tqdm",
     })
 
     def __post_init__(self) -> None:
@@ -110,6 +113,9 @@ class StageArgs:
                 raise ValueError(f"{key} must be set")
         if self.resume_from_checkpoint is not None:
             raise ValueError("use `resume` (auto, never or a checkpoint path), not resume_from_checkpoint")
+        if not self.curves:
+            metrics = Path(self.metrics)
+            self.curves = str(metrics.with_name(f"{metrics.stem}_curves.csv"))
         super().__post_init__()  # the trl config next in the MRO: StageArgs is a mixin placed before it
         if "mlflow" in self.report_to:  # normalised to a list by now ("all" included)
             raise ValueError("report_to: mlflow would open a second MLflow run; the stage logs to its own run")
@@ -477,15 +483,35 @@ def release(trainer: Any) -> None:
         torch.cuda.empty_cache()
 
 
+def logged_steps(history: Iterable[Mapping[str, Any]]) -> list[dict[str, float]]:
+    """One row per logged step: ``step`` and every numeric key the trainer logged there (not its final summary).
+
+    A resumed run's history holds the steps before its checkpoint too (the Trainer restores it), so the
+    rows cover the whole run.
+    """
+    rows: dict[int, dict[str, float]] = {}
+    for entry in history:
+        if "train_runtime" in entry or "step" not in entry:
+            continue
+        row = rows.setdefault(int(entry["step"]), {"step": int(entry["step"])})
+        row.update({k: float(v) for k, v in entry.items()
+                    if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)})
+    return [rows[step] for step in sorted(rows)]
+
+
 def last_logged(history: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     """The last value of every numeric key the trainer logged during training (not its final summary)."""
     latest: dict[str, float] = {}
-    for entry in history:
-        if "train_runtime" in entry:
-            continue
-        latest.update({k: float(v) for k, v in entry.items()
-                       if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)})
+    for row in logged_steps(history):
+        latest.update({k: v for k, v in row.items() if k != "step"})
     return latest
+
+
+def write_curves(history: Iterable[Mapping[str, Any]], path: str | Path) -> None:
+    """The stage's curves as CSV: ``step``, then one column per logged key (empty where a step lacks it)."""
+    import pandas as pd
+
+    write_text_atomic(path, pd.DataFrame(logged_steps(history)).to_csv(index=False))
 
 
 def run_stage(stage: str, cfg: StageArgs, make_trainer: Callable[[Path, Any], Any],
@@ -537,5 +563,6 @@ def run_stage(stage: str, cfg: StageArgs, make_trainer: Callable[[Path, Any], An
         digest = tracking.log_dataset(out, f"{stage}-model", "output")
         mlflow.set_tags({"qprobe.model.path": str(out), "qprobe.model.md5": digest})
         write_json_atomic(cfg.metrics, metrics)
+        write_curves(state.log_history, cfg.curves)
         _drop_checkpoints(cfg)
     return metrics
