@@ -28,9 +28,17 @@ def prefect_harness() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test gets its own MLflow store unless it sets one itself: never the repo's mlflow.db."""
+    """Every test gets its own MLflow store unless it sets one itself: never the repo's mlflow.db.
+
+    ``mlflow.set_tracking_uri`` (an earlier test's, or a stage run in this process) outranks the
+    environment for this process's client, while a stage in a subprocess follows the environment: point
+    the client back at this test's store, or a test would read another test's runs.
+    """
+    import mlflow
+
     if "MLFLOW_TRACKING_URI" not in os.environ:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
 
 @pytest.fixture
