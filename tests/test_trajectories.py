@@ -15,7 +15,8 @@ from fixtures_train import repo_protocol
 
 from qprobe.agent import protocol
 from qprobe.agent.protocol_config import LIMITS_FILE, ProtocolLimits
-from qprobe.bench.synthesize import BenchConfig, synthesize
+from qprobe.bench.config import BenchConfig
+from qprobe.bench.synthesize import synthesize
 from qprobe.cli import main as cli_main
 from qprobe.data.manifest import read_manifest
 from qprobe.trajectories.build import build, sample_images
