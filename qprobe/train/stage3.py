@@ -24,8 +24,8 @@ from qprobe.agent.crop import CropTool, Geometry
 from qprobe.config import parse_config
 from qprobe.errors import QProbeError
 from qprobe.rewards import MIN_REWARD, RewardFn, build_rewards, final_answer, required_columns
+from qprobe.train.checkpoints import GRPOStageTrainer
 from qprobe.train.common import (
-    GRPOStageTrainer,
     StageArgs,
     check_pixel_budgets,
     load_dataset_dir,
