@@ -85,6 +85,7 @@ def test_the_cluster_script_runs_a_stage_like_a_pod(s3: S.ServicesConfig, aws_en
                                                     tmp_path: Path) -> None:
     """The container command of the rendered Job, run here: clone, pull, repro, push, print dvc.lock."""
     from qprobe.ops import launch as L
+    from qprobe.ops import manifests as M
 
     remote = f"s3://{R.DVC_BUCKET}/tests/{uuid.uuid4().hex}"
     repo = make_dvc_repo(tmp_path / "repo", remote=remote)  # the endpoint comes from AWS_ENDPOINT_URL
@@ -92,7 +93,7 @@ def test_the_cluster_script_runs_a_stage_like_a_pod(s3: S.ServicesConfig, aws_en
     run(["git", "clone", "-q", "--bare", str(repo), str(origin)], tmp_path)
     commit = run(["git", "rev-parse", "HEAD"], repo).strip()
     cfg = L.LaunchConfig(image="unused:here", gpus=0, install=":")
-    job = L.validate_job(L.render_job(STAGE, cfg, str(origin), commit))
+    job = M.validate_job(M.render_job(STAGE, cfg, str(origin), commit))
     box = job["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in box["env"]} | aws_env  # envFrom: the secrets
     env["QPROBE_WORKDIR"] = str(tmp_path / "pod" / "qprobe")
