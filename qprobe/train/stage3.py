@@ -3,6 +3,9 @@
 The heart of Q-Probe: the stage-2 model already follows the protocol; here it learns, from its own
 rollouts on the original high-resolution photos, *where to look* (its crops and defect boxes are
 rewarded by localisation) apart from *how to score* (its score is rewarded by accuracy), see :func:`main`.
+
+One module on purpose (over 400 lines): the config, the reward wiring, the rollout report and ``main``
+are one algorithm, each part read against the others; split, none would stand alone.
 """
 
 from __future__ import annotations
