@@ -33,9 +33,10 @@ import numpy as np
 import pywt
 from PIL import Image
 
+from qprobe.bench.config import BenchConfig
 from qprobe.bench.degradations import DEGRADATIONS, LEVELS, WAVELET
 from qprobe.bench.mos import mos
-from qprobe.bench.synthesize import BenchConfig, Job, Task, image_rng, run_task, synthesize_image
+from qprobe.bench.synthesize import Job, Task, image_rng, run_task, synthesize_image
 from qprobe.bench.texture import texture_map
 from qprobe.data.sources import SOURCE_EXTENSIONS, SourceItem, decode
 

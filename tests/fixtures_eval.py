@@ -61,7 +61,8 @@ class Replay:
 
 def make_bench(out: Path, num_images: int = 8) -> Path:
     """A small Vista-Bench from scikit-image's photos; returns the folder holding manifest.parquet."""
-    from qprobe.bench.synthesize import BenchConfig, synthesize
+    from qprobe.bench.config import BenchConfig
+    from qprobe.bench.synthesize import synthesize
 
     synthesize(BenchConfig(source="skimage", out=str(out), metrics=str(out.parent / f"{out.name}-metrics.json"),
                            num_images=num_images, contact_sheet_size=0), progress=False)

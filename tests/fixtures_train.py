@@ -16,7 +16,8 @@ import mlflow
 import yaml
 
 from qprobe.agent.protocol_config import ProtocolLimits
-from qprobe.bench.synthesize import BenchConfig, synthesize
+from qprobe.bench.config import BenchConfig
+from qprobe.bench.synthesize import synthesize
 from qprobe.train import common
 from qprobe.trajectories.build import TrajectoriesConfig, build
 

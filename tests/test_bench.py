@@ -13,8 +13,11 @@ import pytest
 from PIL import Image
 
 from qprobe import cli
+from qprobe.bench import outputs
 from qprobe.bench import synthesize as bench
-from qprobe.bench.synthesize import BenchConfig, ForeignFileError, plan_jobs, synthesize
+from qprobe.bench.config import BenchConfig
+from qprobe.bench.outputs import ForeignFileError
+from qprobe.bench.synthesize import plan_jobs, synthesize
 from qprobe.data.manifest import SCHEMA, manifest_metadata, read_manifest
 from qprobe.data.sources import SKIMAGE_PHOTOS, SourceError, SourceItem
 from qprobe.io import load_image, save_image_atomic
@@ -167,7 +170,7 @@ def test_a_rerun_with_another_seed_after_a_kill_equals_a_fresh_run(tmp_path, tin
     result = synthesize(reseeded, progress=False)
     assert result.metrics["images_resumed"] == 3
     assert _files(out) == _files(Path(fresh.out))
-    assert manifest_metadata(out)[bench.FINGERPRINT_KEY] == reseeded.fingerprint() != cfg.fingerprint()
+    assert manifest_metadata(out)[outputs.FINGERPRINT_KEY] == reseeded.fingerprint() != cfg.fingerprint()
 
 
 def test_only_files_bench_wrote_are_ever_deleted_or_overwritten(tmp_path, tiny_photos):
@@ -183,9 +186,9 @@ def test_only_files_bench_wrote_are_ever_deleted_or_overwritten(tmp_path, tiny_p
     fewer = synthesize(_config(tmp_path, tiny_photos, out="mixed", num_images=4, seed=3), progress=False)
     assert len(list((out / "records").glob("*-*.json"))) == 4
     assert {rel: (out / rel).read_bytes() for rel in mine} == mine
-    assert set(json.loads((out / bench.LEDGER).read_text())["files"]) == (
+    assert set(json.loads((out / outputs.LEDGER).read_text())["files"]) == (
         {r["image"] for r in fewer.records} | {f"records/{r['id']}.json" for r in fewer.records}
-        | set(bench.FIXED_OUTPUTS))
+        | set(outputs.FIXED_OUTPUTS))
 
     # A file in the way of a planned image that bench cannot prove it wrote: refused, nothing changes.
     other = _config(tmp_path, tiny_photos, out="other")
@@ -200,7 +203,7 @@ def test_only_files_bench_wrote_are_ever_deleted_or_overwritten(tmp_path, tiny_p
     # A list naming a file outside the folder is not trusted with anything.
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
-    (out / bench.LEDGER).write_text(json.dumps({"files": ["records/2024.json", "../victim.txt"]}))
+    (out / outputs.LEDGER).write_text(json.dumps({"files": ["records/2024.json", "../victim.txt"]}))
     with pytest.raises(ForeignFileError, match=r"unreadable list of the files bench wrote \('\.\./victim\.txt' "
                                                r"leaves the folder\); bench cannot tell"):
         synthesize(cfg, progress=False)

@@ -13,8 +13,9 @@ from PIL import Image
 from qprobe import defects
 from qprobe.agent import protocol
 from qprobe.bench import degradations
+from qprobe.bench.config import BenchConfig
 from qprobe.bench.contact_sheet import make_contact_sheet
-from qprobe.bench.synthesize import BenchConfig, synthesize
+from qprobe.bench.synthesize import synthesize
 from qprobe.defects import DefectType
 from qprobe.trajectories import composer
 

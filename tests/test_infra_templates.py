@@ -21,6 +21,7 @@ from fixtures_dvc import STAGE, dvc, make_dvc_repo
 
 from qprobe.config import ConfigError
 from qprobe.ops import launch as L
+from qprobe.ops import manifests as M
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
 REPO = "https://git.example.com/team/qprobe.git"
@@ -40,7 +41,7 @@ def _container(doc: dict) -> dict:
 
 @pytest.mark.parametrize("gpus", [8, 0])
 def test_job_template_renders_a_valid_job(gpus: int) -> None:
-    doc = L.validate_job(L.render_job("train_stage1", _cfg(gpus=gpus), REPO, COMMIT))
+    doc = M.validate_job(M.render_job("train_stage1", _cfg(gpus=gpus), REPO, COMMIT))
     assert doc["apiVersion"] == "batch/v1" and doc["kind"] == "Job"
     assert doc["spec"]["backoffLimit"] == 0
     assert re.fullmatch(r"qprobe-train-stage1-01234567-[0-9a-z]+", doc["metadata"]["name"])
@@ -66,31 +67,31 @@ def test_job_template_renders_a_valid_job(gpus: int) -> None:
 
 
 def test_job_validation_names_the_broken_field() -> None:
-    doc = yaml.safe_load(L.render_job("bench", _cfg(gpus=0), REPO, COMMIT))
+    doc = yaml.safe_load(M.render_job("bench", _cfg(gpus=0), REPO, COMMIT))
     broken = json.loads(json.dumps(doc))
     broken["kind"] = "Deployment"
-    with pytest.raises(L.LaunchError, match="kind"):
-        L.validate_job(broken)
+    with pytest.raises(M.LaunchError, match="kind"):
+        M.validate_job(broken)
     broken = json.loads(json.dumps(doc))
     del _container(broken)["resources"]
-    with pytest.raises(L.LaunchError, match="resources"):
-        L.validate_job(broken)
+    with pytest.raises(M.LaunchError, match="resources"):
+        M.validate_job(broken)
     broken = json.loads(json.dumps(doc))
     broken["metadata"]["name"] = "Not_A_DNS_Label"
-    with pytest.raises(L.LaunchError, match=r"metadata\.name"):
-        L.validate_job(broken)
+    with pytest.raises(M.LaunchError, match=r"metadata\.name"):
+        M.validate_job(broken)
     broken = json.loads(json.dumps(doc))
     _container(broken)["resources"] = {"requests": {"nvidia.com/gpu": 2}, "limits": {"nvidia.com/gpu": 1}}
-    with pytest.raises(L.LaunchError, match="request and limit differ"):
-        L.validate_job(broken)
-    with pytest.raises(L.LaunchError, match="image"):
-        L.validate_job(L.render_job("bench", L.LaunchConfig(gpus=0), REPO, COMMIT))
+    with pytest.raises(M.LaunchError, match="request and limit differ"):
+        M.validate_job(broken)
+    with pytest.raises(M.LaunchError, match="image"):
+        M.validate_job(M.render_job("bench", L.LaunchConfig(gpus=0), REPO, COMMIT))
 
 
 def test_job_names_are_dns_labels() -> None:
-    name = L.job_name("stage_with_a_very_long_name_that_goes_on@and_on_and_on_and_on", COMMIT)
-    assert len(name) <= 63 and re.fullmatch(L._DNS_LABEL, name)
-    assert L.slug("Train_Stage1@KonIQ") == "train-stage1-koniq"
+    name = M.job_name("stage_with_a_very_long_name_that_goes_on@and_on_and_on_and_on", COMMIT)
+    assert len(name) <= 63 and re.fullmatch(M.DNS_LABEL, name)
+    assert M.slug("Train_Stage1@KonIQ") == "train-stage1-koniq"
 
 
 def test_prefect_base_job_template_is_accepted_by_prefect_and_yields_a_valid_job() -> None:
@@ -110,7 +111,7 @@ def test_prefect_base_job_template_is_accepted_by_prefect_and_yields_a_valid_job
     box["env"] = [{"name": k, "value": v} for k, v in box["env"].items()]
     box["args"] = shlex.split(box["args"])
     manifest["metadata"]["name"] = manifest["metadata"].pop("generateName") + "abcde"
-    L.validate_job(manifest)
+    M.validate_job(manifest)
     assert box["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert [s["secretRef"]["name"] for s in box["envFrom"]] == ["qprobe-aws", "qprobe-mlflow"]
 
@@ -119,8 +120,8 @@ def test_prefect_base_job_template_is_accepted_by_prefect_and_yields_a_valid_job
 
 
 def test_skypilot_task_renders_with_secrets_by_name_only(tmp_path: Path) -> None:
-    task = L.render_sky_task("train_stage3", _cfg(), REPO, COMMIT, ["AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_URI"])
-    doc = L.validate_sky_task(task)
+    task = M.render_sky_task("train_stage3", _cfg(), REPO, COMMIT, ["AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_URI"])
+    doc = M.validate_sky_task(task)
     assert doc["resources"]["accelerators"] == "H100:8"
     assert doc["resources"]["image_id"] == "docker:registry.example.com/qprobe:1"
     assert doc["envs"]["QPROBE_STAGE"] == "train_stage3" and doc["envs"]["QPROBE_COMMIT"] == COMMIT
@@ -131,9 +132,9 @@ def test_skypilot_task_renders_with_secrets_by_name_only(tmp_path: Path) -> None
     if python:  # SkyPilot's own schema, in its own environment
         path = tmp_path / "task.yaml"
         path.write_text(task)
-        L._sky_check(python, path)
-    with pytest.raises(L.LaunchError, match="accelerators"):
-        L.validate_sky_task(L.render_sky_task("x", _cfg(gpus=0), REPO, COMMIT))
+        M.sky_check(python, path)
+    with pytest.raises(M.LaunchError, match="accelerators"):
+        M.validate_sky_task(M.render_sky_task("x", _cfg(gpus=0), REPO, COMMIT))
 
 
 # --- accelerate and DeepSpeed ------------------------------------------------------------------------
@@ -211,7 +212,7 @@ def test_extract_and_merge_lock(tmp_path: Path) -> None:
     L.merge_lock(lock, remote, "train")
     merged = yaml.safe_load(lock.read_text())
     assert set(merged["stages"]) == {"bench", "train"} and merged["stages"]["train"]["outs"][0]["md5"] == "abc"
-    with pytest.raises(L.LaunchError, match="no entry"):
+    with pytest.raises(M.LaunchError, match="no entry"):
         L.merge_lock(lock, remote, "evaluate")
 
 
@@ -226,7 +227,7 @@ def test_local_target_runs_dvc_repro(tmp_path: Path) -> None:
     assert (repo / "out.txt").read_text() == "HELLO DVC\n"
     assert STAGE in yaml.safe_load(result.lock)["stages"]
     assert "up to date" in dvc(repo, "status")
-    with pytest.raises(L.LaunchError, match="no stage 'nope'"):
+    with pytest.raises(M.LaunchError, match="no stage 'nope'"):
         L.launch("nope", "local", L.LaunchConfig(), root=repo)
     with pytest.raises(ConfigError, match="target"):
         L.launch(STAGE, "slurm", L.LaunchConfig(), root=repo)
@@ -248,7 +249,7 @@ def test_accelerate_command_wraps_stage_commands() -> None:
     assert cmd[3:] == ["--config_file", "c.yaml", "--num_processes", "2", "-m", "qprobe.cli", "train", "stage1",
                        "--lr", "1e-5"]
     assert L.accelerate_command("python -m qprobe.cli evaluate", "c.yaml")[-3:] == ["-m", "qprobe.cli", "evaluate"]
-    with pytest.raises(L.LaunchError, match="under accelerate"):
+    with pytest.raises(M.LaunchError, match="under accelerate"):
         L.accelerate_command("make all", "c.yaml")
 
 
@@ -275,10 +276,10 @@ def test_kubernetes_target_applies_waits_and_returns_the_lock(tmp_path: Path) ->
     cfg = _cfg(repo=REPO, gpus=8, kubectl=str(kubectl), write_lock=True)
 
     dry = L.launch(STAGE, "kubernetes", L.LaunchConfig(**{**cfg.__dict__, "dry_run": True}), root=repo)
-    assert not (tmp_path / "calls").exists() and L.validate_job(dry.rendered)
+    assert not (tmp_path / "calls").exists() and M.validate_job(dry.rendered)
 
     result = L.launch(STAGE, "kubernetes", cfg, root=repo)
-    applied = L.validate_job((tmp_path / "applied.yaml").read_text())
+    applied = M.validate_job((tmp_path / "applied.yaml").read_text())
     name = applied["metadata"]["name"]
     calls = (tmp_path / "calls").read_text().splitlines()
     assert calls[0] == "apply -f -"
@@ -289,9 +290,9 @@ def test_kubernetes_target_applies_waits_and_returns_the_lock(tmp_path: Path) ->
     assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"][STAGE]["cmd"] == "python make.py"
 
     failing = _fake_kubectl(tmp_path, lock, outcome=",1")
-    with pytest.raises(L.LaunchError, match="failed; last log lines"):
+    with pytest.raises(M.LaunchError, match="failed; last log lines"):
         L.launch(STAGE, "kubernetes", L.LaunchConfig(**{**cfg.__dict__, "kubectl": str(failing)}), root=repo)
-    with pytest.raises(L.LaunchError, match="--image"):
+    with pytest.raises(M.LaunchError, match="--image"):
         L.launch(STAGE, "kubernetes", L.LaunchConfig(repo=REPO, dry_run=True), root=repo)
 
 
@@ -305,7 +306,7 @@ def test_skypilot_target_dry_run_and_missing_environment(tmp_path: Path, monkeyp
     assert "secret-from-the-shell" not in dry.rendered and "id-from-the-shell" not in dry.rendered
     assert dry.command[dry.command.index("--secret") + 1] == "AWS_ACCESS_KEY_ID"
     assert "launch" in dry.command and dry.command[-1].endswith("stage.yaml")
-    with pytest.raises(L.LaunchError, match="SKYPILOT_PYTHON"):
+    with pytest.raises(M.LaunchError, match="SKYPILOT_PYTHON"):
         L.launch(STAGE, "skypilot", _cfg(repo=REPO), root=repo)
 
     # A stand-in for SkyPilot's python: it accepts the task and "runs" it, printing the pod's log.
@@ -331,6 +332,6 @@ def test_cli_prints_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.chdir(repo)
     monkeypatch.setenv("QPROBE_ROOT", str(repo))
     assert L.main(["kubernetes", STAGE, "--image", "img:1", "--repo", REPO, "--gpus", "0", "--dry-run"]) == 0
-    L.validate_job(capsys.readouterr().out)
+    M.validate_job(capsys.readouterr().out)
     with pytest.raises(ConfigError, match="usage"):
         L.main(["kubernetes"])

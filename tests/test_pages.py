@@ -9,7 +9,7 @@ import pandas as pd
 from PIL import Image
 
 from qprobe.eval.report import ReportData, write_report
-from qprobe.trajectories.build import samples_html
+from qprobe.trajectories.samples import samples_html
 
 SCRIPT = "<script>alert('x')</script>"
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from qprobe.errors import QProbeError
 from qprobe.models.factory import load_model
-from qprobe.train.common import last_checkpoint, load_checkpoint_weights
+from qprobe.train.checkpoints import last_checkpoint, load_checkpoint_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,6 +23,7 @@ from fixtures_dvc import STAGE, dvc, make_dvc_repo, run
 from fixtures_services import services_config, stop_and_check
 
 from qprobe.config import ConfigError
+from qprobe.ops import roles as R
 from qprobe.ops import services as S
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process bookkeeping reads /proc")
@@ -34,15 +35,15 @@ def test_config_is_validated() -> None:
     with pytest.raises(ConfigError, match="s3_port"):
         S.ServicesConfig(s3_port=60000)  # its gRPC port (+10000) would not exist
     assert S.ServicesConfig(roles="prefect, s3").role_list == ("s3", "prefect")
-    port = S.free_port(with_grpc=True)
-    assert S._port_free(port) and S._port_free(port + S.GRPC_OFFSET)
+    port = R.free_port(with_grpc=True)
+    assert R.port_free(port) and R.port_free(port + R.GRPC_OFFSET)
 
 
 def test_s3_is_up_with_buckets_and_env_file(s3: S.ServicesConfig) -> None:
     status = S.service_status(s3)
     assert status["s3"] is not None and status["s3"].healthy()
-    buckets = {b["Name"] for b in S.s3_client(s3.url("s3")).list_buckets()["Buckets"]}
-    assert set(S.BUCKETS) <= buckets
+    buckets = {b["Name"] for b in R.s3_client(s3.url("s3")).list_buckets()["Buckets"]}
+    assert set(R.BUCKETS) <= buckets
     env_file = (s3.root / S.ENV_FILE).read_text()
     assert f"export AWS_ENDPOINT_URL={s3.url('s3')}" in env_file
     assert s3.root.stat().st_mode & 0o077 == 0  # env and s3.json hold the (dev) secret: owner only
@@ -55,7 +56,7 @@ def test_boto3_round_trip_through_qprobe_storage(aws_env: dict[str, str], tmp_pa
 
     source = tmp_path / "photo.bin"
     source.write_bytes(os.urandom(300_000))
-    uri = f"s3://{S.DVC_BUCKET}/tests/{uuid.uuid4().hex}/photo.bin"
+    uri = f"s3://{R.DVC_BUCKET}/tests/{uuid.uuid4().hex}/photo.bin"
     storage.upload_file(source, uri)
     assert storage.download_bytes(uri) == source.read_bytes()
     assert [o.key for o in storage.list_objects(uri.rsplit("/", 1)[0] + "/")] == [uri.split("/", 3)[3]]
@@ -64,7 +65,7 @@ def test_boto3_round_trip_through_qprobe_storage(aws_env: dict[str, str], tmp_pa
 
 
 def test_dvc_push_pull_round_trip(s3: S.ServicesConfig, aws_env: dict[str, str], tmp_path: Path) -> None:
-    remote = f"s3://{S.DVC_BUCKET}/tests/{uuid.uuid4().hex}"
+    remote = f"s3://{R.DVC_BUCKET}/tests/{uuid.uuid4().hex}"
     repo = make_dvc_repo(tmp_path / "repo", remote=remote, endpoint=s3.url("s3"))
     (repo / "data.bin").write_bytes(os.urandom(50_000))
     dvc(repo, "add", "data.bin")
@@ -74,8 +75,8 @@ def test_dvc_push_pull_round_trip(s3: S.ServicesConfig, aws_env: dict[str, str],
     run(["rm", "-rf", ".dvc/cache"], repo)
     dvc(repo, "pull", "data.bin")
     assert (repo / "data.bin").read_bytes() == expected
-    keys = [o["Key"] for o in S.s3_client(s3.url("s3")).list_objects_v2(
-        Bucket=S.DVC_BUCKET, Prefix=remote.split("/", 3)[3])["Contents"]]
+    keys = [o["Key"] for o in R.s3_client(s3.url("s3")).list_objects_v2(
+        Bucket=R.DVC_BUCKET, Prefix=remote.split("/", 3)[3])["Contents"]]
     assert keys and all("/files/md5/" in k for k in keys)
 
 
@@ -84,14 +85,15 @@ def test_the_cluster_script_runs_a_stage_like_a_pod(s3: S.ServicesConfig, aws_en
                                                     tmp_path: Path) -> None:
     """The container command of the rendered Job, run here: clone, pull, repro, push, print dvc.lock."""
     from qprobe.ops import launch as L
+    from qprobe.ops import manifests as M
 
-    remote = f"s3://{S.DVC_BUCKET}/tests/{uuid.uuid4().hex}"
+    remote = f"s3://{R.DVC_BUCKET}/tests/{uuid.uuid4().hex}"
     repo = make_dvc_repo(tmp_path / "repo", remote=remote)  # the endpoint comes from AWS_ENDPOINT_URL
     origin = tmp_path / "origin.git"
     run(["git", "clone", "-q", "--bare", str(repo), str(origin)], tmp_path)
     commit = run(["git", "rev-parse", "HEAD"], repo).strip()
     cfg = L.LaunchConfig(image="unused:here", gpus=0, install=":")
-    job = L.validate_job(L.render_job(STAGE, cfg, str(origin), commit))
+    job = M.validate_job(M.render_job(STAGE, cfg, str(origin), commit))
     box = job["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in box["env"]} | aws_env  # envFrom: the secrets
     env["QPROBE_WORKDIR"] = str(tmp_path / "pod" / "qprobe")
@@ -114,8 +116,8 @@ def test_cli_cycle_idempotent_up_stale_pid_and_down(tmp_path: Path, capsys: pyte
     first = S.load_state(cfg)["s3"]
     assert S.main(["up", *flags]) == 0  # idempotent: the healthy server is kept
     assert S.load_state(cfg)["s3"].pid == first.pid
-    with pytest.raises(S.ServiceError, match="already runs on port"):
-        S.start_services(dataclasses.replace(cfg, s3_port=S.free_port(with_grpc=True)))
+    with pytest.raises(R.ServiceError, match="already runs on port"):
+        S.start_services(dataclasses.replace(cfg, s3_port=R.free_port(with_grpc=True)))
     assert S.main(["status", *flags]) == 0
     assert S.main(["status", "--roles", "s3,prefect", "--dir", cfg.dir]) == 1  # prefect is not running
     table = capsys.readouterr().out.splitlines()
@@ -134,9 +136,9 @@ def test_cli_cycle_idempotent_up_stale_pid_and_down(tmp_path: Path, capsys: pyte
     assert "stopped: s3" in capsys.readouterr().out
     assert not second.pids()
     deadline = time.monotonic() + 5  # the kernel closes an exited server's socket a moment later
-    while not S._port_free(cfg.s3_port) and time.monotonic() < deadline:
+    while not R.port_free(cfg.s3_port) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert S._port_free(cfg.s3_port)
+    assert R.port_free(cfg.s3_port)
     assert not (cfg.root / S.STATE_FILE).exists() and not (cfg.root / S.ENV_FILE).exists()
     assert S.main(["status", *flags]) == 1
     with pytest.raises(ConfigError, match="action"):
@@ -165,8 +167,8 @@ def test_mlflow_server_stores_artifacts_in_s3(mlflow_server: S.ServicesConfig, m
     (tmp_path / "back").mkdir()
     local = client.download_artifacts(run_id, "eval/report.json", str(tmp_path / "back"))
     assert json.loads(Path(local).read_text()) == {"srcc": 0.91}
-    keys = [o["Key"] for o in S.s3_client(mlflow_server.url("s3")).list_objects_v2(
-        Bucket=S.MLFLOW_BUCKET)["Contents"]]
+    keys = [o["Key"] for o in R.s3_client(mlflow_server.url("s3")).list_objects_v2(
+        Bucket=R.MLFLOW_BUCKET)["Contents"]]
     assert any(k.endswith(f"{run_id}/artifacts/eval/report.json") for k in keys)
 
 
@@ -186,12 +188,12 @@ def test_credentials_never_become_mlflow_params_or_tags(mlflow_server: S.Service
         tracking.log_metrics({"ok": 1.0})
     data = mlflow.MlflowClient(mlflow_server.url("mlflow")).get_run(active.info.run_id).data
     recorded = json.dumps({"params": data.params, "tags": data.tags})
-    for secret in (S.DEV_SECRET_KEY, S.DEV_ACCESS_KEY, "hunter2", "hf_x"):
+    for secret in (R.DEV_SECRET_KEY, R.DEV_ACCESS_KEY, "hunter2", "hf_x"):
         assert secret not in recorded
     assert data.params["s3_port"] == str(mlflow_server.s3_port)  # the rest is there
     # Nor do the servers write them to their logs.
     for log in (mlflow_server.root / "logs").glob("*.log"):
-        assert S.DEV_SECRET_KEY not in log.read_text(errors="replace"), log.name
+        assert R.DEV_SECRET_KEY not in log.read_text(errors="replace"), log.name
 
 
 @pytest.mark.slow

@@ -221,7 +221,8 @@ def test_s3_upload_download_round_trip(s3, tmp_path):
 
 
 def test_bench_runs_on_an_s3_source(s3, tiny_photos, tmp_path):
-    from qprobe.bench.synthesize import BenchConfig, synthesize
+    from qprobe.bench.config import BenchConfig
+    from qprobe.bench.synthesize import synthesize
 
     for path in sorted(tiny_photos.rglob("*.*")):
         storage.upload_file(path, f"s3://photos/raw/{path.relative_to(tiny_photos).as_posix()}")

@@ -15,7 +15,7 @@ from qprobe.agent.protocol_config import LIMITS_FILE, ProtocolLimits, write_limi
 from qprobe.errors import QProbeError
 from qprobe.io import content_hash
 from qprobe.models.factory import load_model
-from qprobe.train import common, stage1
+from qprobe.train import checkpoints, common, stage1
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +87,9 @@ def test_fingerprint_ignores_how_long_and_what_is_logged() -> None:
                                       "per_device_train_batch_size": 4, **changes})
 
     digests = {"model": "m", "dataset": "d"}
-    base = common.fingerprint(config(), digests)
+    base = checkpoints.fingerprint(config(), digests)
     same = [config(max_steps=9, save_steps=3, logging_steps=2, out="elsewhere", resume="never")]
     other = [config(learning_rate=1e-3), config(num_generations=4, per_device_train_batch_size=8), config(rewards={"thurstone": 2.0})]
-    assert {common.fingerprint(c, digests) for c in same} == {base}
-    assert common.fingerprint(config(), {**digests, "dataset": "e"}) != base
-    assert all(common.fingerprint(c, digests) != base for c in other)
+    assert {checkpoints.fingerprint(c, digests) for c in same} == {base}
+    assert checkpoints.fingerprint(config(), {**digests, "dataset": "e"}) != base
+    assert all(checkpoints.fingerprint(c, digests) != base for c in other)

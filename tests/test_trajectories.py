@@ -15,12 +15,14 @@ from fixtures_train import repo_protocol
 
 from qprobe.agent import protocol
 from qprobe.agent.protocol_config import LIMITS_FILE, ProtocolLimits
-from qprobe.bench.synthesize import BenchConfig, synthesize
+from qprobe.bench.config import BenchConfig
+from qprobe.bench.synthesize import synthesize
 from qprobe.cli import main as cli_main
 from qprobe.data.manifest import read_manifest
-from qprobe.trajectories.build import build, sample_images
+from qprobe.trajectories.build import build
 from qprobe.trajectories.config import TrajectoriesConfig
 from qprobe.trajectories.planner import PlannerConfig
+from qprobe.trajectories.samples import sample_images
 from qprobe.trajectories.validation import validate_sets
 from qprobe.validation.core import ValidationError
 

@@ -16,14 +16,7 @@ For every source photo (:mod:`qprobe.data.sources`), ``qprobe bench``:
    settings' fingerprint in its metadata), validates it (:mod:`qprobe.validation.bench`), draws
    ``contact_sheet.jpg`` and writes the metrics file.
 
-Ownership: the output folder may hold files bench did not write (it may be any folder a user
-names). Bench lists every file it writes in ``.qprobe-owned.json`` (written atomically, *before*
-the files) and deletes only files in that list, and leftovers of its own killed atomic writes of
-them. A run whose plan would overwrite an image or record that is not in the list refuses before
-writing anything; a finished record of the same settings (it names its image and the settings'
-fingerprint, and is rewritten byte for byte anyway) is taken over. A run that has images to
-(re)make removes the old manifest first, so a killed run never leaves a manifest that describes
-images it has replaced.
+Ownership: bench deletes and overwrites only files it can prove it wrote (:mod:`qprobe.bench.outputs`).
 
 Determinism: every image's random generator is seeded from ``(seed, photo key, variant)``, so the
 output does not depend on the order photos are processed in, the number of workers, or which
@@ -42,7 +35,6 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 import re
 import time
 from collections import Counter
@@ -50,22 +42,36 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from qprobe.bench.config import BenchConfig
 from qprobe.bench.contact_sheet import make_contact_sheet
 from qprobe.bench.degradations import inject
 from qprobe.bench.mos import DefectEvidence, mos
+from qprobe.bench.outputs import (
+    CONTACT_SHEET,
+    FIXED_OUTPUTS,
+    IMAGES_DIR,
+    LEDGER,
+    RECORDS_DIR,
+    bench_metrics,
+    job_files,
+    read_ledger,
+    refuse_foreign,
+    remove_stale,
+    write_ledger,
+    write_validated_manifest,
+)
 from qprobe.bench.regions import place_regions
 from qprobe.bench.texture import TextureMap, texture_map
 from qprobe.config import parse_config, to_flat_dict
-from qprobe.data.manifest import MANIFEST_NAME, SPLITS, Defect, read_manifest, write_manifest
+from qprobe.data.manifest import MANIFEST_NAME, Defect
 from qprobe.data.sources import (
-    SKIP_REASONS,
     SkipPhoto,
     Source,
     SourceError,
@@ -74,119 +80,10 @@ from qprobe.data.sources import (
     open_source,
 )
 from qprobe.data.splits import assign_splits, stable_int
-from qprobe.defects import TYPES, check_types
-from qprobe.errors import QProbeError
-from qprobe.io import (
-    DEFAULT_MAX_PIXELS,
-    atomic_temp_target,
-    check_out_vs_in,
-    outside_folder,
-    save_image_atomic,
-    write_json_atomic,
-)
+from qprobe.defects import TYPES
+from qprobe.io import check_out_vs_in, save_image_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
-
-# Bumped whenever the synthesis algorithm changes the pixels it writes: records made by another
-# version are redone instead of resumed.
-SYNTHESIS_VERSION = 1
-IMAGES_DIR = "images"
-RECORDS_DIR = "records"
-CONTACT_SHEET = "contact_sheet.jpg"
-INVALID_MANIFEST = "manifest.invalid.parquet"
-CANDIDATE_MANIFEST = "manifest.candidate.parquet"
-LEDGER = ".qprobe-owned.json"
-# The documented outputs at fixed names: always bench's to write (and to remove when invalid).
-FIXED_OUTPUTS = (MANIFEST_NAME, CANDIDATE_MANIFEST, INVALID_MANIFEST, CONTACT_SHEET)
-FINGERPRINT_KEY = "qprobe.bench.fingerprint"
-# The fields that change the images or records; anything else (paths, workers, limits) does not.
-_FINGERPRINT_FIELDS = ("seed", "defects_per_image", "region_size", "max_overlap", "top_fraction", "types",
-                       "feather", "format", "texture_size", "texture_levels")
-
-
-class ForeignFileError(QProbeError, ValueError):
-    """A file in the output folder that bench would have to overwrite but cannot prove it wrote."""
-
-
-@dataclass
-class BenchConfig:
-    """Parameters of ``qprobe bench`` (the ``bench:`` section of ``params.yaml``)."""
-
-    source: str = field(default="skimage", metadata={
-        "help": "photos to degrade: a folder, s3://bucket/prefix, 'skimage' (bundled photos) or hf:NAME[:split]"})
-    out: str = field(default="data/bench", metadata={"help": "output folder (manifest, images, contact sheet)"})
-    metrics: str = field(default="metrics/bench.json", metadata={"help": "metrics file written at the end"})
-    num_images: int | None = field(default=49, metadata={
-        "help": "images to write, round-robin over the photos (a skipped photo's share is not made up); "
-                "null: one per photo"})
-    seed: int = field(default=0, metadata={"help": "seed of every random choice (defects, splits, pristine share)"})
-    workers: int = field(default=1, metadata={"help": "worker processes (1: no pool)"})
-    min_size: int = field(default=256, metadata={"help": "skip photos whose longer side is below this (pixels)"})
-    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
-        "help": "skip photos with more pixels than this (decompression bombs, giant scans)"})
-    pristine_fraction: float = field(default=0.15, metadata={"help": "share of images left without defects"})
-    defects_per_image: list[int] = field(default_factory=lambda: [1, 3], metadata={
-        "help": "[min, max] defect boxes per degraded image"})
-    region_size: list[float] = field(default_factory=lambda: [0.08, 0.2], metadata={
-        "help": "[min, max] box side as a fraction of the photo's shorter side"})
-    max_overlap: float = field(default=0.1, metadata={
-        "help": "largest share of the smaller box two defect boxes may share"})
-    top_fraction: float = field(default=0.2, metadata={
-        "help": "boxes are drawn from this top share of placements ranked by texture"})
-    types: list[str] = field(default_factory=lambda: list(TYPES), metadata={
-        "help": f"defect types to use, from the registry qprobe/defects.py (known: {', '.join(TYPES)})"})
-    feather: float = field(default=0.3, metadata={
-        "help": "share of a box's half-size over which the defect fades in (0: hard edge)"})
-    splits: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15}, metadata={
-        "help": "fractions of source photos per split"})
-    format: Literal["png", "webp"] = field(default="png", metadata={"help": "lossless image format: png or webp"})
-    texture_size: int = field(default=512, metadata={
-        "help": "longer side of the downscaled luminance the texture map is computed on"})
-    texture_levels: int = field(default=3, metadata={"help": "wavelet levels of the texture map"})
-    image_column: str = field(default="", metadata={"help": "hf sources: the image column (default: the first)"})
-    source_version: str | None = field(default=None, metadata={
-        "help": "DVC md5 of a DVC-tracked source folder; the retrain flow sets it so that new photos re-run "
-                "this stage (and the run records which data version it used)"})
-    contact_sheet_size: int = field(default=48, metadata={"help": "thumbnails on the contact sheet (0: none)"})
-
-    def __post_init__(self) -> None:
-        if self.num_images is not None and self.num_images < 1:
-            raise ValueError(f"num_images must be at least 1 or null, got {self.num_images}")
-        if self.workers < 1:
-            raise ValueError(f"workers must be at least 1, got {self.workers}")
-        if self.min_size < 0 or self.max_pixels < 1:
-            raise ValueError("min_size must be >= 0 and max_pixels >= 1")
-        if not 0.0 <= self.pristine_fraction <= 1.0:
-            raise ValueError(f"pristine_fraction must be in [0, 1], got {self.pristine_fraction}")
-        lo, hi = _pair(self.defects_per_image, "defects_per_image")
-        if not 1 <= lo <= hi:
-            raise ValueError(f"defects_per_image must be [min, max] with 1 <= min <= max, got {self.defects_per_image}")
-        lo, hi = _pair(self.region_size, "region_size")
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"region_size must be [min, max] with 0 < min <= max <= 1, got {self.region_size}")
-        if not 0.0 <= self.max_overlap <= 1.0 or not 0.0 < self.top_fraction <= 1.0:
-            raise ValueError("max_overlap must be in [0, 1] and top_fraction in (0, 1]")
-        check_types(self.types, "types")
-        if not 0.0 <= self.feather <= 1.0:
-            raise ValueError(f"feather must be in [0, 1], got {self.feather}")
-        if set(self.splits) - set(SPLITS) or any(v < 0 for v in self.splits.values()) \
-                or not math.isclose(sum(self.splits.values()), 1.0, abs_tol=1e-6):
-            raise ValueError(f"splits must map {'/'.join(SPLITS)} to fractions >= 0 summing to 1, got {self.splits}")
-        if self.texture_size < 32 or not 1 <= self.texture_levels <= 6:
-            raise ValueError("texture_size must be >= 32 and texture_levels in 1..6")
-        if self.contact_sheet_size < 0:
-            raise ValueError(f"contact_sheet_size must be >= 0, got {self.contact_sheet_size}")
-
-    def fingerprint(self) -> str:
-        fields = {name: getattr(self, name) for name in _FINGERPRINT_FIELDS}
-        text = json.dumps({"version": SYNTHESIS_VERSION, **fields}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _pair(values: list, name: str) -> tuple:
-    if len(values) != 2:
-        raise ValueError(f"{name} must be a list of two values [min, max], got {values}")
-    return values[0], values[1]
 
 
 @dataclass(frozen=True)
@@ -272,42 +169,6 @@ def synthesize_image(pixels: np.ndarray, texture: TextureMap, rng: np.random.Gen
 
 def _paths(out: Path, job_id: str, fmt: str) -> tuple[Path, Path]:
     return out / IMAGES_DIR / f"{job_id}.{fmt}", out / RECORDS_DIR / f"{job_id}.json"
-
-
-def _job_files(job_id: str, fmt: str) -> set[str]:
-    """The files one image writes, relative to the output folder (the ledger's form)."""
-    return {f"{IMAGES_DIR}/{job_id}.{fmt}", f"{RECORDS_DIR}/{job_id}.json"}
-
-
-def _read_ledger(out: Path) -> set[str]:
-    """The files (relative paths) bench recorded as its own in ``out``; empty for a folder it never wrote."""
-    path = out / LEDGER
-    if not path.exists():
-        return set()
-    try:
-        files = json.loads(path.read_text())["files"]
-        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-            raise ValueError("'files' is not a list of paths")
-        escaping = next((f for f in files if outside_folder(f)), None)
-        if escaping is not None:
-            raise ValueError(f"{escaping!r} {outside_folder(escaping)}")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ForeignFileError(f"{path}: unreadable list of the files bench wrote ({exc}); "
-                               "bench cannot tell its files from others: choose another --out") from exc
-    return set(files)
-
-
-def _write_ledger(out: Path, files: set[str]) -> None:
-    write_json_atomic(out / LEDGER, {"files": sorted(files)})
-
-
-def _refuse_foreign(out: Path, files: set[str], owned: set[str]) -> None:
-    """Raise :class:`ForeignFileError` if any of ``files`` exists in ``out`` but is not ``owned``."""
-    foreign = sorted(f for f in files - owned if os.path.lexists(out / f))
-    if foreign:
-        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        raise ForeignFileError(f"{out / foreign[0]}{more}: exists but bench did not write it (not in "
-                               f"{out / LEDGER}); move it away or choose another --out (nothing was written)")
 
 
 def _save(pixels: np.ndarray, path: Path, fmt: str) -> None:
@@ -403,83 +264,19 @@ def _run_tasks(tasks: list[Task], cfg: BenchConfig, bar: tqdm) -> Iterator[TaskR
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _remove_stale(out: Path, owned: set[str], keep: set[str]) -> int:
-    """Delete the owned files not in ``keep`` (earlier plans) and leftovers of killed writes of owned files.
-
-    Returns how many files it deleted. A file that is not in ``owned`` is never touched.
-    """
-    stale = [out / rel for rel in sorted(owned - keep)]
-    for folder in (out, out / IMAGES_DIR, out / RECORDS_DIR):
-        if folder.is_dir():
-            stale += [p for p in sorted(folder.glob(".*.tmp*"))
-                      if (target := atomic_temp_target(p)) is not None
-                      and target.relative_to(out).as_posix() in owned]
-    removed = 0
-    for path in stale:
-        if path.is_file():
-            path.unlink()
-            removed += 1
-    return removed
-
-
-def _metrics(records: list[dict[str, Any]], skipped: Counter, new: int, listed: int,
-             seconds: float) -> dict[str, Any]:
-    defects = [d for r in records for d in r["defects"]]
-    scores = np.array([r["mos"] for r in records], dtype=np.float64)
-    return {
-        "images": len(records),
-        "images_new": new,
-        "images_resumed": len(records) - new,
-        "pristine": sum(not r["has_defect"] for r in records),
-        "with_defects": sum(bool(r["has_defect"]) for r in records),
-        "defects": len(defects),
-        "sources_listed": listed,
-        "sources_used": len({r["key"] for r in records}),
-        "skipped": {"total": sum(skipped.values()), **{reason: skipped.get(reason, 0) for reason in SKIP_REASONS}},
-        "defects_by_type": {t: sum(d["type"] == t for d in defects) for t in TYPES},
-        "defects_by_severity": {str(s): sum(d["severity"] == s for d in defects) for s in range(1, 6)},
-        "splits": {s: sum(r["split"] == s for r in records) for s in SPLITS},
-        "mos": {"mean": round(float(scores.mean()), 4), "std": round(float(scores.std()), 4),
-                "min": round(float(scores.min()), 4), "max": round(float(scores.max()), 4)},
-        "seconds": round(seconds, 2),
-    }
-
-
-def _write_validated_manifest(records: list[dict[str, Any]], out: Path, fingerprint: str) -> Path:
-    """Write the manifest beside its final name, validate it, then rename it into place.
-
-    A manifest that fails is kept as ``manifest.invalid.parquet`` for inspection, and any older
-    ``manifest.parquet`` is removed, so nothing downstream mistakes it for a good one.
-    """
-    # GX takes seconds to import; only the parent process, once, needs it.
-    from qprobe.validation.bench import validate_bench_manifest
-    from qprobe.validation.core import ValidationError
-
-    final, invalid = out / MANIFEST_NAME, out / INVALID_MANIFEST
-    candidate = write_manifest(records, out / CANDIDATE_MANIFEST, metadata={FINGERPRINT_KEY: fingerprint})
-    try:
-        validate_bench_manifest(read_manifest(candidate), out, TYPES, name=str(final))
-    except ValidationError:
-        os.replace(candidate, invalid)
-        final.unlink(missing_ok=True)
-        raise
-    os.replace(candidate, final)
-    invalid.unlink(missing_ok=True)
-    return final
-
-
 def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = True) -> BenchResult:
     """Make the bench described by ``cfg`` (see the module docstring); returns what it wrote.
 
     Raises :class:`~qprobe.data.sources.SourceError` for a missing or empty source and
-    :class:`ForeignFileError` for a file in the way that bench did not write (both before writing
-    anything), and :class:`~qprobe.validation.core.ValidationError` for a manifest that fails its suite.
+    :class:`~qprobe.bench.outputs.ForeignFileError` for a file in the way that bench did not write
+    (both before writing anything), and :class:`~qprobe.validation.core.ValidationError` for a
+    manifest that fails its suite.
     """
     start = time.perf_counter()
     source = source or open_source(cfg.source, cfg.image_column)
     out = Path(cfg.out)
     new_folder = not out.exists()
-    owned = _read_ledger(out)
+    owned = read_ledger(out)
     plan = plan_jobs(source.items, cfg.num_images, cfg.pristine_fraction, cfg.seed)
     finished: dict[str, dict[str, Any]] = {}
     tasks: list[Task] = []
@@ -490,16 +287,16 @@ def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = 
             record = _finished(out, job, cfg)
             if record is None:
                 pending.append(job)
-                pending_files |= _job_files(job.image_id, cfg.format)
+                pending_files |= job_files(job.image_id, cfg.format)
             else:
                 finished[job.image_id] = record
         if pending:
             tasks.append(Task(item, tuple(pending)))
-    _refuse_foreign(out, pending_files, owned)
+    refuse_foreign(out, pending_files, owned)
     # Listed before written: a run killed at any point leaves no file of its own off the list.
     owned |= pending_files | set(FIXED_OUTPUTS)
-    owned |= {f for image_id in finished for f in _job_files(image_id, cfg.format)}
-    _write_ledger(out, owned)
+    owned |= {f for image_id in finished for f in job_files(image_id, cfg.format)}
+    write_ledger(out, owned)
     if tasks:
         (out / MANIFEST_NAME).unlink(missing_ok=True)
     total = sum(len(jobs) for _, jobs in plan)
@@ -534,14 +331,14 @@ def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = 
     for record in records:
         record["split"] = splits[record["key"]]
 
-    keep = {f for r in records for f in _job_files(r["id"], cfg.format)} | set(FIXED_OUTPUTS)
-    removed = _remove_stale(out, owned, keep)
+    keep = {f for r in records for f in job_files(r["id"], cfg.format)} | set(FIXED_OUTPUTS)
+    removed = remove_stale(out, owned, keep)
     if removed:
         log.info("removed %d files of images no longer in the plan", removed)
-    _write_ledger(out, keep)
-    manifest = _write_validated_manifest(records, out, cfg.fingerprint())
+    write_ledger(out, keep)
+    manifest = write_validated_manifest(records, out, cfg.fingerprint())
     sheet = make_contact_sheet(records, out, out / CONTACT_SHEET, cfg.contact_sheet_size)
-    metrics = _metrics(records, skipped, new, len(source.items), time.perf_counter() - start)
+    metrics = bench_metrics(records, skipped, new, len(source.items), time.perf_counter() - start)
     write_json_atomic(cfg.metrics, metrics)
     listing = "".join(f"{k} {m}\n" for k, m in sorted({(r["key"], r["source_md5"]) for r in records}))
     log.info("bench: %d images (%d new, %d skipped photos) in %s, %.1f s", len(records), new,

@@ -10,6 +10,7 @@
 ``probes``     cropping bias, bokeh and repeatability, for any scorer, and which images each gets
 ``curves``     the training stages' reward curves, read from MLflow
 ``outputs``    the metrics file, predictions.csv, plot data, traces and probes.json
-``report``     figures and the self-contained HTML report
+``figures``    the report's figures (matplotlib), also saved as PNG files
+``report``     the self-contained HTML report
 ``runner``     ``qprobe evaluate``: the steps above in order, and the MLflow run
 """

@@ -24,7 +24,7 @@ curve files each stage writes beside its metrics (:mod:`qprobe.eval.curves`).
 Outputs (``--out DIR``, :mod:`qprobe.eval.outputs`): ``predictions.csv`` (one row per image and
 method), ``traces.jsonl`` (every agent turn), ``probes.json``, ``plots/`` (DVC plot data: predicted
 score against MOS and the per-type and per-severity statistics per set, and the training curves;
-and the report's figures as PNG) and ``report.html``, a self-contained report
+and the report's figures as PNG, :mod:`qprobe.eval.figures`) and ``report.html``, a self-contained report
 (:mod:`qprobe.eval.report`). The metrics file (``metrics/evaluate.json``) is one flat JSON object,
 ``{"<set>.<method>.<metric>": value}``, undefined values as ``null``, so ``dvc metrics diff`` compares
 two runs key by key. Everything is logged to the stage's MLflow run.
@@ -51,9 +51,10 @@ from qprobe.config import parse_config, to_flat_dict
 from qprobe.errors import QProbeError
 from qprobe.eval.config import MODEL, EvaluateConfig
 from qprobe.eval.curves import stage_of, training_curves
+from qprobe.eval.figures import write_figures
 from qprobe.eval.outputs import OUTPUT_NAMES, flat_metrics, write_probes, write_tables, write_traces
 from qprobe.eval.probes import ProbeResult, run_probes
-from qprobe.eval.report import ReportData, write_figures, write_report
+from qprobe.eval.report import ReportData, write_report
 from qprobe.eval.scoring import load_sets, make_scorers, score_sets
 from qprobe.eval.summary import all_metrics
 from qprobe.io import check_out_vs_in, check_owned, mark_owned, write_json_atomic

@@ -17,8 +17,8 @@ On a cluster the container runs ``infra/remote/run-stage.sh`` at the chosen comm
 The launcher returns that ``dvc.lock``; ``--write-lock`` copies the stage's entry into the local one,
 after which ``dvc pull STAGE`` fetches what the cluster computed.
 
-The templates are read from the ``infra/`` folder of this source tree (a checkout or an editable
-install), not from an installed wheel.
+The Job and the task are rendered and checked by :mod:`qprobe.ops.manifests`, from the templates in
+the ``infra/`` folder of this source tree (a checkout or an editable install), not an installed wheel.
 """
 
 from __future__ import annotations
@@ -26,28 +26,33 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from qprobe.config import ConfigError, build_parser, parse_config, repo_root
-from qprobe.errors import QProbeError
 from qprobe.io import write_text_atomic
+from qprobe.ops.manifests import (
+    LaunchError,
+    render_job,
+    render_sky_task,
+    sky_check,
+    slug,
+    validate_job,
+    validate_sky_task,
+)
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("local", "kubernetes", "skypilot")
-INFRA = Path(__file__).resolve().parents[2] / "infra"
 LOCK_BEGIN = "----- BEGIN dvc.lock -----"
 LOCK_END = "----- END dvc.lock -----"
 # What a remote stage may need from the launching shell, passed to SkyPilot as secrets (by name).
@@ -56,11 +61,6 @@ SECRET_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN
 # `sky` without relying on where SkyPilot keeps its CLI module: its own console-script entry point.
 _SKY_ENTRY = ("import sys; from importlib.metadata import entry_points; sys.argv[0] = 'sky'; "
               "sys.exit(entry_points(group='console_scripts')['sky'].load()())")
-_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-
-
-class LaunchError(QProbeError, RuntimeError):
-    """A stage that cannot be rendered, submitted or run, or that failed."""
 
 
 @dataclass
@@ -111,168 +111,6 @@ class LaunchResult:
     command: list[str]
     rendered: str | None = None
     lock: str | None = None
-
-
-# --- rendering ---------------------------------------------------------------------------------------
-
-
-def _jinja() -> Any:
-    import jinja2
-
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(INFRA)), undefined=jinja2.StrictUndefined,
-                              keep_trailing_newline=True, autoescape=False)
-
-
-def render_template(template: str, /, **params: Any) -> str:
-    """Render ``infra/TEMPLATE`` with ``params``; a placeholder without a value is an error."""
-    import jinja2
-
-    try:
-        return _jinja().get_template(template).render(**params)
-    except jinja2.TemplateNotFound as exc:
-        raise LaunchError(f"{INFRA / template}: template not found") from exc
-    except jinja2.UndefinedError as exc:
-        raise LaunchError(f"{INFRA / template}: {exc}") from exc
-
-
-def slug(text: str, limit: int = 63) -> str:
-    """``text`` as a DNS-1123 label (lowercase alphanumerics and '-'), at most ``limit`` characters."""
-    out = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
-    return out[:limit].rstrip("-") or "x"
-
-
-def render_script(install: str) -> str:
-    return render_template("remote/run-stage.sh", install=install)
-
-
-def job_name(stage: str, commit: str) -> str:
-    """Unique per launch: a Job's spec is immutable, so a re-run needs a new name."""
-    suffix = format(int(time.time() * 10) % 36**5, "x")
-    return f"{slug('qprobe-' + stage, 63 - 10 - len(suffix))}-{commit[:8]}-{suffix}"
-
-
-def render_job(stage: str, cfg: LaunchConfig, repo: str, commit: str, name: str | None = None) -> str:
-    """The Kubernetes Job manifest (YAML) that runs ``stage`` at ``commit``."""
-    return render_template(
-        "k8s/stage-job.yaml", name=name or job_name(stage, commit), namespace=cfg.namespace, stage=stage,
-        stage_label=slug(stage), image=cfg.image, repo=repo, commit=commit, gpus=cfg.gpus, cpus=cfg.cpus,
-        memory_gb=cfg.memory_gb, aws_secret=cfg.aws_secret, mlflow_secret=cfg.mlflow_secret,
-        script=render_script(cfg.install), env=cfg.env)
-
-
-def render_sky_task(stage: str, cfg: LaunchConfig, repo: str, commit: str,
-                    secrets: Sequence[str] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")) -> str:
-    """The SkyPilot task (YAML) that runs ``stage`` at ``commit``; ``secrets`` are declared by name only."""
-    return render_template(
-        "skypilot/stage.yaml", name=slug(f"qprobe-{stage}"), stage=stage, image=cfg.image, repo=repo,
-        commit=commit, accelerator=cfg.accelerator, gpus=cfg.gpus, cpus=cfg.cpus, memory_gb=cfg.memory_gb,
-        disk_size=cfg.disk_size, infra=cfg.infra, secrets=list(secrets), script=render_script(cfg.install),
-        env=cfg.env)
-
-
-# --- validation --------------------------------------------------------------------------------------
-
-_QUANTITIES = {"type": "object", "additionalProperties": {"type": ["string", "integer"]}}
-_STRINGS = {"type": "array", "items": {"type": "string"}}
-# The part of the batch/v1 Job schema that a typo in a template breaks; the API server checks the rest.
-JOB_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
-    "properties": {
-        "apiVersion": {"const": "batch/v1"},
-        "kind": {"const": "Job"},
-        "metadata": {
-            "type": "object",
-            "required": ["name"],
-            "properties": {"name": {"type": "string", "maxLength": 63, "pattern": _DNS_LABEL},
-                           "namespace": {"type": "string", "pattern": _DNS_LABEL},
-                           "labels": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 63}}},
-        },
-        "spec": {
-            "type": "object",
-            "required": ["template"],
-            "properties": {
-                "backoffLimit": {"type": "integer", "minimum": 0},
-                "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-                "template": {
-                    "type": "object",
-                    "required": ["spec"],
-                    "properties": {"spec": {
-                        "type": "object",
-                        "required": ["containers", "restartPolicy"],
-                        "properties": {
-                            "restartPolicy": {"enum": ["Never", "OnFailure"]},
-                            "containers": {"type": "array", "minItems": 1, "items": {
-                                "type": "object",
-                                "required": ["name", "image", "resources"],
-                                "properties": {
-                                    "name": {"type": "string", "pattern": _DNS_LABEL},
-                                    "image": {"type": "string", "minLength": 1},
-                                    "command": _STRINGS,
-                                    "args": _STRINGS,
-                                    "env": {"type": "array", "items": {
-                                        "type": "object", "required": ["name"],
-                                        "properties": {"name": {"type": "string", "minLength": 1},
-                                                       "value": {"type": "string"}}}},
-                                    "envFrom": {"type": "array"},
-                                    "resources": {"type": "object", "additionalProperties": False,
-                                                  "properties": {"requests": _QUANTITIES, "limits": _QUANTITIES}},
-                                },
-                            }},
-                        },
-                    }},
-                },
-            },
-        },
-    },
-}
-
-
-def validate_job(manifest: str | Mapping[str, Any]) -> dict[str, Any]:
-    """Parse (if text) and check a Job manifest against :data:`JOB_SCHEMA`; returns the document."""
-    import jsonschema
-
-    doc = yaml.safe_load(manifest) if isinstance(manifest, str) else dict(manifest)
-    errors = sorted(jsonschema.Draft202012Validator(JOB_SCHEMA).iter_errors(doc), key=lambda e: list(e.path))
-    if errors:
-        first = errors[0]
-        where = ".".join(str(p) for p in first.absolute_path) or "(document)"
-        raise LaunchError(f"invalid Kubernetes Job at {where}: {first.message}")
-    for container in doc["spec"]["template"]["spec"]["containers"]:
-        limits, requests = container["resources"].get("limits", {}), container["resources"].get("requests", {})
-        if "nvidia.com/gpu" in requests and requests["nvidia.com/gpu"] != limits.get("nvidia.com/gpu"):
-            # Kubernetes refuses extended resources whose request differs from the limit.
-            raise LaunchError(f"container {container['name']}: nvidia.com/gpu request and limit differ")
-    return doc
-
-
-def validate_sky_task(text: str) -> dict[str, Any]:
-    """Check the keys the launcher relies on in a rendered SkyPilot task; returns the document."""
-    doc = yaml.safe_load(text)
-    if not isinstance(doc, dict):
-        raise LaunchError("SkyPilot task: not a mapping")
-    missing = [k for k in ("name", "resources", "envs", "run") if k not in doc]
-    if missing:
-        raise LaunchError(f"SkyPilot task: missing {', '.join(missing)}")
-    accelerators = str(doc["resources"].get("accelerators", ""))
-    if not re.fullmatch(r"[A-Za-z0-9-]+:[1-9][0-9]*", accelerators):
-        raise LaunchError(f"SkyPilot task: resources.accelerators must be TYPE:COUNT, got {accelerators!r}")
-    if not str(doc["resources"].get("image_id", "")).startswith("docker:") or doc["resources"]["image_id"] == "docker:":
-        raise LaunchError("SkyPilot task: resources.image_id must be docker:IMAGE (pass --image)")
-    for key in ("QPROBE_REPO", "QPROBE_COMMIT", "QPROBE_STAGE", "QPROBE_WORKDIR"):
-        if not doc["envs"].get(key):
-            raise LaunchError(f"SkyPilot task: envs.{key} is empty")
-    return doc
-
-
-def _sky_check(python: str, task_path: Path) -> None:
-    """Parse the task with SkyPilot itself (schema, resources) in its own environment."""
-    code = "import sys, sky; print(sky.Task.from_yaml(sys.argv[1]))"
-    proc = subprocess.run([python, "-c", code, str(task_path)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"})
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise LaunchError(f"SkyPilot rejects the task: {' / '.join(tail)}")
 
 
 # --- dvc.lock ----------------------------------------------------------------------------------------
@@ -450,7 +288,7 @@ def _skypilot(stage: str, cfg: LaunchConfig, root: Path) -> LaunchResult:
                str(task_path)]
         result = LaunchResult("skypilot", stage, cmd, rendered=task)
         if python:
-            _sky_check(python, task_path)
+            sky_check(python, task_path)
         if cfg.dry_run:
             return result
         if not python:

@@ -16,8 +16,8 @@ from trl import GRPOConfig
 
 from qprobe.config import parse_config
 from qprobe.rewards import build_rewards, required_columns
+from qprobe.train.checkpoints import GRPOStageTrainer
 from qprobe.train.common import (
-    GRPOStageTrainer,
     StageArgs,
     check_pixel_budgets,
     load_dataset_dir,

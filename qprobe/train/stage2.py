@@ -15,8 +15,8 @@ from trl import SFTConfig
 
 from qprobe.config import parse_config
 from qprobe.errors import QProbeError
+from qprobe.train.checkpoints import SFTStageTrainer
 from qprobe.train.common import (
-    SFTStageTrainer,
     StageArgs,
     check_pixel_budgets,
     load_dataset_dir,

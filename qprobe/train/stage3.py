@@ -3,6 +3,9 @@
 The heart of Q-Probe: the stage-2 model already follows the protocol; here it learns, from its own
 rollouts on the original high-resolution photos, *where to look* (its crops and defect boxes are
 rewarded by localisation) apart from *how to score* (its score is rewarded by accuracy), see :func:`main`.
+
+One module on purpose (over 400 lines): the config, the reward wiring, the rollout report and ``main``
+are one algorithm, each part read against the others; split, none would stand alone.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from qprobe.agent.crop import CropTool, Geometry
 from qprobe.config import parse_config
 from qprobe.errors import QProbeError
 from qprobe.rewards import MIN_REWARD, RewardFn, build_rewards, final_answer, required_columns
+from qprobe.train.checkpoints import GRPOStageTrainer
 from qprobe.train.common import (
-    GRPOStageTrainer,
     StageArgs,
     check_pixel_budgets,
     load_dataset_dir,

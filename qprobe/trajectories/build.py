@@ -25,8 +25,6 @@ Run it::
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import math
 import random
@@ -48,7 +46,6 @@ from qprobe.agent.protocol_config import write_limits
 from qprobe.bench.texture import TextureMap, texture_map
 from qprobe.config import parse_config, to_flat_dict
 from qprobe.data.manifest import image_path, read_manifest
-from qprobe.draw import CROP, TRUTH, Mark, css_colour, draw_marks, fit
 from qprobe.errors import QProbeError
 from qprobe.io import (
     check_out_vs_in,
@@ -58,10 +55,10 @@ from qprobe.io import (
     write_json_atomic,
     write_text_atomic,
 )
-from qprobe.pages import render_page
 from qprobe.trajectories import composer
 from qprobe.trajectories.config import TrajectoriesConfig
 from qprobe.trajectories.planner import plan_crops
+from qprobe.trajectories.samples import samples_html
 from qprobe.trajectories.teacher import Teacher
 from qprobe.trajectories.validation import validate_sets
 
@@ -217,11 +214,6 @@ def _inline_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for m in messages]
 
 
-def sample_images(sample: dict[str, Any]) -> list[Image.Image]:
-    """The images of an SFT sample, in conversation order (global view first, then the crops)."""
-    return [b["image"] for m in sample["messages"] for b in m["content"] if b["type"] == "image"]
-
-
 def _sample(photo: BenchPhoto, kind: str, messages: list[dict[str, Any]], crops: list[list[int]],
             crop_has_defect: list[bool]) -> dict[str, Any]:
     return {
@@ -356,44 +348,6 @@ def _stage1(cfg: TrajectoriesConfig, rows: list[dict[str, Any]], manifest_path: 
     picks = _schedule(cfg.stage1_size or len(rows), len(rows), rng)
     return [stage1_prompt(rows[i], load_image(image_path(manifest_path, rows[i]["image"])), cfg)
             for i in tqdm(picks, desc="stage1", unit="image")]
-
-
-def _thumb(image: Image.Image, marks: Sequence[Mark] = (), scale: float = 1.0, side: int = 360) -> str:
-    """``image`` fitted into ``side``, ``marks`` drawn (their boxes times ``scale``), as a data URL."""
-    image, fitted = fit(image, side)
-    draw_marks(image, marks, scale=scale * fitted)
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def samples_html(sft: list[dict[str, Any]], n: int) -> str:
-    """A self-contained page of sample trajectories (``templates/samples.html.jinja``): images with the
-    crop and true defect boxes beside each turn's text."""
-    high = [s for s in sft if s["kind"] == "high"][: max(1, n - 1)]
-    low = [s for s in sft if s["kind"] == "low"][:1]
-    samples = []
-    for s in high + low:
-        images = iter(sample_images(s))
-        turns = []
-        for m in s["messages"]:
-            cells = []
-            for block in m["content"]:
-                if block["type"] == "image":
-                    img = next(images)
-                    marks = []
-                    if m["role"] == "user" and s["kind"] == "high":
-                        marks = [*(Mark(c, CROP) for c in s["crops"]),
-                                 *(Mark(d, TRUTH) for d in s["defects"])]
-                    cells.append({"image": _thumb(img, marks, scale=img.size[0] / s["width"])})
-                elif m["role"] != "system":
-                    cells.append({"text": block["text"] or ""})
-            if cells:
-                turns.append({"role": m["role"], "cells": cells})
-        samples.append({"id": s["id"], "kind": s["kind"], "mos": s["mos"], "turns": turns})
-    legend = [(css_colour(CROP), "crops"), (css_colour(TRUTH), "true defects (global-view pixels)")]
-    return render_page("samples.html.jinja", title="Probe-CoT sample trajectories", legend=legend,
-                       samples=samples)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
