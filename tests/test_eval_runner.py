@@ -120,22 +120,22 @@ def test_random_tiny_model_end_to_end(bench: Path, tiny_model_dir: Path, tmp_pat
     assert {"report.html", "evaluate.json", "predictions.csv", "plots"} <= artifacts
 
 
-def _log_training_runs() -> None:
-    import mlflow
-
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    mlflow.set_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
-    for stage, key in (("stage1", "train/reward"), ("stage2", "train/loss"), ("stage3", "train/reward")):
-        with mlflow.start_run(run_name=stage, tags={"qprobe.stage": stage}):
-            for step in range(5):
-                mlflow.log_metric(key, 0.2 * step if "reward" in key else 2.0 - 0.3 * step, step=step)
-            mlflow.log_metric("train/learning_rate", 1e-5)  # not a curve of the report
+def _write_curves(folder: Path) -> list[str]:
+    """Curve files as the training stages write them (train.common.write_curves): step, then logged keys."""
+    paths = []
+    for stage, key in (("stage1", "reward"), ("stage2", "loss"), ("stage3", "reward")):
+        path = folder / f"{stage}_curves.csv"
+        rows = [{"step": step, key: 0.2 * step if key == "reward" else 2.0 - 0.3 * step, "learning_rate": 1e-5}
+                for step in range(1, 6)]
+        pd.DataFrame(rows).to_csv(path, index=False)
+        paths.append(str(path))
+    return paths
 
 
 def test_scripted_model_end_to_end_with_training_curves(bench: Path, tmp_path: Path) -> None:
-    _log_training_runs()
+    curves = _write_curves(tmp_path)
     out = tmp_path / "out"
-    result = evaluate(_config(bench, out, "--max-new-tokens", "200"), backend=ScriptedBackend())
+    result = evaluate(_config(bench, out, "--max-new-tokens", "200", "--curves", *curves), backend=ScriptedBackend())
     metrics = result.metrics
     assert metrics["bench.qprobe.answer_rate"] == 1 and metrics["bench.no_tool.answer_rate"] == 1
     assert math.isfinite(metrics["bench.qprobe.srcc"]) and metrics["bench.qprobe.outcome.answer"] == 8
@@ -150,25 +150,23 @@ def test_scripted_model_end_to_end_with_training_curves(bench: Path, tmp_path: P
     assert any(k.startswith("bench.qprobe.type.") for k in metrics)
     assert any(k.startswith("bench.qprobe.severity.") for k in metrics)
 
-    curves = pd.read_csv(out / "plots" / "curves_stage1.csv")
-    assert list(curves.columns) == ["step", "train/reward"] and list(curves["step"]) == [0, 1, 2, 3, 4]
-    assert list(pd.read_csv(out / "plots" / "curves_stage2.csv").columns) == ["step", "train/loss"]
+    drawn = training_curves(curves)  # the reward and loss columns, not the learning rate
+    assert set(drawn["metric"]) == {"reward", "loss"} and set(drawn["stage"]) == {"stage1", "stage2", "stage3"}
+    assert list(drawn[drawn["stage"] == "stage1"]["step"]) == [1, 2, 3, 4, 5]
     report = (out / "report.html").read_text()
     assert 'alt="training curves"' in report and "worst</h3>" in report and "best</h3>" in report
     assert {p.name for p in (out / "plots").iterdir()} == {
-        "scatter_bench.png", "groups_bench.png", "reward_curves.png", "scatter_bench.csv", "groups_bench.csv",
-        "curves_stage1.csv", "curves_stage2.csv", "curves_stage3.csv"}
+        "scatter_bench.png", "groups_bench.png", "reward_curves.png", "scatter_bench.csv", "groups_bench.csv"}
     probes = json.loads((out / "probes.json").read_text())
     assert set(probes) == {"crop_bias", "repeat"} and probes["repeat"]["qprobe"]["rows"][0]["std"] > 0
 
 
-def test_training_curves_without_runs_or_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_training_curves_missing_or_broken_files_are_skipped(tmp_path: Path) -> None:
     assert training_curves([]) is None
-    assert training_curves(["stage1"]) is None  # no such experiment yet
-    broken = tmp_path / "mlflow.db"
-    broken.write_text("not a database")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{broken}")
-    assert training_curves(["stage1"]) is None  # a store that cannot be read: no curves, no failure
+    assert training_curves([tmp_path / "stage1_curves.csv"]) is None  # not written (yet)
+    (tmp_path / "stage2_curves.csv").write_text("loss\n1.0\n")  # no step column
+    (tmp_path / "stage3_curves.csv").write_bytes(b"\x00\xff not a table")
+    assert training_curves([tmp_path / f"stage{i}_curves.csv" for i in (1, 2, 3)]) is None
 
 
 def test_several_manifests_after_one_flag(bench: Path, tmp_path: Path) -> None:
@@ -218,7 +216,7 @@ class FirstCallFails(ScriptedBackend):
 def test_an_endpoint_failure_on_one_image_is_recorded_and_the_rest_evaluated(bench: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     cfg = _config(bench, out, "--max-new-tokens", "200", "--baselines", "[]", "--crop-bias-images", "0",
-                  "--repeat-images", "0", "--bokeh-limit", "0", "--training-stages", "[]")
+                  "--repeat-images", "0", "--bokeh-limit", "0", "--curves", "[]")
     result = evaluate(cfg, backend=FirstCallFails())
     assert result.metrics["bench.qprobe.outcome.error"] == 1 and result.metrics["bench.qprobe.outcome.answer"] == 7
     failed = result.predictions[result.predictions["outcome"] == "error"]

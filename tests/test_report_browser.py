@@ -47,7 +47,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--metrics", str(root / "evaluate.json"),
         "--global-max-pixels", "12544", "--crop-max-pixels", "12544", "--max-new-tokens", "200",
         "--bootstrap", "50", "--piqe-tile", "256", "--crop-bias-images", "1", "--crop-bias-crops", "2",
-        "--repeat-images", "1", "--repeat-runs", "2", "--gallery", "2", "--training-stages", "[]",
+        "--repeat-images", "1", "--repeat-runs", "2", "--gallery", "2", "--curves", "[]",
         "--bokeh-limit", "2", *(["--bokeh-dir", photos] if photos else []),
     ])
     return evaluate(cfg, backend=ScriptedBackend()).report
