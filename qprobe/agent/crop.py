@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from qprobe.agent.protocol import Box, ordered_box, read_box, region_line
 from qprobe.agent.protocol_config import PAPER_MAX_PIXELS
@@ -56,6 +55,9 @@ def budget_size(size: tuple[int, int], max_pixels: int, min_pixels: int = MIN_PI
     """
     width, height = size
     try:
+        # Imported here: transformers pulls torch, which `qprobe score --help` has no need of.
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
         h, w = smart_resize(height, width, factor=PATCH, min_pixels=min_pixels, max_pixels=max_pixels)
     except ValueError as exc:
         raise QProbeError(f"{width}x{height}: {exc}") from exc

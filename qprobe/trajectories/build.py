@@ -60,7 +60,6 @@ from qprobe.trajectories.config import TrajectoriesConfig
 from qprobe.trajectories.planner import plan_crops
 from qprobe.trajectories.samples import samples_html
 from qprobe.trajectories.teacher import Teacher
-from qprobe.trajectories.validation import validate_sets
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +317,9 @@ def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
     rl = [rl_prompt(p, cfg, root) for p in tqdm(_photos([rows[i] for i in rl_picks], manifest_path),
                                                  total=len(rl_picks), desc="probe-rl", unit="prompt")]
     stage1 = _stage1(cfg, rows, manifest_path, rng)
+
+    # Great Expectations takes seconds to import: only a run that validates pays for it, not --help.
+    from qprobe.trajectories.validation import validate_sets
 
     validate_sets(cfg, manifest, sft=pd.DataFrame(sft), rl=pd.DataFrame(rl), stage1=pd.DataFrame(stage1))
     staging = out.with_name(out.name + ".partial")
