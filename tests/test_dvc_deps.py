@@ -112,3 +112,13 @@ def test_the_library_never_imports_operations_code() -> None:
         if any(name == "qprobe.ops" or name.startswith("qprobe.ops.") for name in imported_modules(path)):
             offenders.append(rel)
     assert not offenders, f"these library modules import qprobe.ops: {offenders}"
+
+
+def test_evaluate_declares_every_file_it_reads() -> None:
+    """The bokeh photos and the training curves are inputs of evaluate: in the repository, and in its deps."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]
+    deps = [str(d) for d in stages()["evaluate"]["deps"]]
+    for path in [params["bokeh_dir"], *params["curves"]]:
+        assert (REPO / path).resolve().is_relative_to(REPO), f"evaluate reads {path}, outside the repository"
+        assert covered(path, deps), f"dvc.yaml: evaluate reads {path} but does not list it in its deps"
+    assert len(list((REPO / params["bokeh_dir"]).glob("*.png"))) >= params["bokeh_limit"]

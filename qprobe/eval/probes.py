@@ -188,10 +188,11 @@ def _bokeh_photos(cfg: EvaluateConfig) -> list[tuple[str, Path]]:
     names = bokeh_list(cfg.bokeh_list)
     missing = [n for n in names
                if not (folder / n).is_file() or (folder / n).suffix.lower() not in IMAGE_EXTENSIONS]
-    if missing:
-        log.warning("bokeh probe: %d listed photos not in %s (%s)", len(missing), folder, ", ".join(missing[:5]))
     found = [(n, folder / n) for n in names if n not in missing]
-    return found[: cfg.bokeh_limit] if cfg.bokeh_limit is not None else found
+    wanted = len(names) if cfg.bokeh_limit is None else min(cfg.bokeh_limit, len(names))
+    if len(found) < wanted:  # short of photos; a folder holding just the ones a limit takes is fine
+        log.warning("bokeh probe: %d listed photos not in %s (%s)", len(missing), folder, ", ".join(missing[:5]))
+    return found[:wanted]
 
 
 def run_probes(sets: Sequence[EvalSet], scorers: dict[str, Scorer], backend: Backend,
