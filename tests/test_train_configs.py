@@ -110,7 +110,8 @@ def test_dvc_stages() -> None:
     for name, data in (("stage1", "data/trajectories/stage1"), ("stage2", "data/trajectories/sft")):
         stage = stages[name]
         assert stage["cmd"] == f"qprobe train {name}" and stage["params"] == ["protocol", name]
-        assert data in stage["deps"] and stage["outs"] == [f"models/{name}"]
+        assert data in stage["deps"]
+        assert stage["outs"] == [f"models/{name}", {f"metrics/{name}_curves.csv": {"cache": False}}]
         assert stage["metrics"] == [{f"metrics/{name}.json": {"cache": False}}]
         assert all((ROOT / dep).exists() for dep in stage["deps"] if dep.startswith("qprobe"))
     assert "models/base" in stages["stage1"]["deps"] and "models/stage1" in stages["stage2"]["deps"]
