@@ -32,7 +32,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from qprobe.config import PARAMS_FILE, load_params, repo_root
+from qprobe.config import PARAMS_FILE, load_params, repo_root, to_flat_dict
 from qprobe.profiles import apply_profile
 from qprobe.tracking import fail_orphaned_runs, stage_run, tracking_uri
 from tasks.dvc_stage import StageResult, launch_stage, run_stage, stage_order
@@ -47,19 +47,10 @@ def _metrics_of(root: Path, result: StageResult) -> dict[str, float]:
     for out in result.lock.get("outs", []):
         path = root / out.get("path", "")
         if path.suffix == ".json" and path.parent.name == "metrics" and path.is_file():
-            for key, value in _flatten(json.loads(path.read_text())).items():
-                metrics[f"{result.stage}.{key}"] = value
+            for key, value in to_flat_dict(json.loads(path.read_text())).items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    metrics[f"{result.stage}.{key}"] = float(value)
     return metrics
-
-
-def _flatten(obj: Any, prefix: str = "") -> dict[str, float]:
-    flat: dict[str, float] = {}
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-    elif isinstance(obj, int | float) and not isinstance(obj, bool):
-        flat[prefix.rstrip(".")] = float(obj)
-    return flat
 
 
 def _tag_stage_runs(parent_id: str, results: list[StageResult]) -> None:
