@@ -121,7 +121,7 @@ def test_random_tiny_model_end_to_end(bench: Path, tiny_model_dir: Path, tmp_pat
 
 
 def _write_curves(folder: Path) -> list[str]:
-    """Curve files as the training stages write them (train.common.write_curves): step, then logged keys."""
+    """Curve files as the training stages write them (train.history.write_curves): step, then logged keys."""
     paths = []
     for stage, key in (("stage1", "reward"), ("stage2", "loss"), ("stage3", "reward")):
         path = folder / f"{stage}_curves.csv"

@@ -141,3 +141,18 @@ def test_a_set_built_under_other_limits_is_refused(tmp_path: Path) -> None:
     assert len(load_dataset_dir(folder, ["id"], ProtocolLimits(**repo_protocol()))) == 1
     with pytest.raises(QProbeError, match=rf"^{folder}: made with protocol.max_crops 3, but this run has 2;"):
         load_dataset_dir(folder, ["id"], ProtocolLimits(**{**repo_protocol(), "max_crops": 2}))
+
+
+def test_curves_hold_one_row_per_logged_step_and_the_last_values_the_metrics(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from qprobe.train.history import last_logged, write_curves
+
+    history = [{"loss": 2.0, "learning_rate": 1e-5, "step": 1}, {"reward": 0.5, "step": 1},
+               {"loss": 1.5, "flag": True, "step": 2},
+               {"train_runtime": 9.0, "train_loss": 1.7, "step": 2}]  # the final summary: not a step
+    write_curves(history, tmp_path / "c.csv")
+    curves = pd.read_csv(tmp_path / "c.csv")
+    assert list(curves["step"]) == [1, 2] and list(curves["loss"]) == [2.0, 1.5]
+    assert curves["reward"].iloc[0] == 0.5 and pd.isna(curves["reward"].iloc[1]) and "flag" not in curves
+    assert last_logged(history) == {"loss": 1.5, "learning_rate": 1e-5, "reward": 0.5}

@@ -1,7 +1,7 @@
 """The training curves the report draws: the reward and loss columns of each training stage's curve file.
 
 Each training stage writes every logged step's figures to ``metrics/<stage>_curves.csv``
-(:func:`qprobe.train.common.write_curves`), a DVC output that the evaluate stage depends on, so the
+(:func:`qprobe.train.history.write_curves`), a DVC output that the evaluate stage depends on, so the
 report's curves are those of the very models it evaluates, whatever the MLflow store holds.
 """
 

@@ -48,9 +48,10 @@ from qprobe import tracking
 from qprobe.agent.crop import MIN_PIXELS, MODEL_MAX_PIXELS
 from qprobe.agent.protocol_config import PROTOCOL_FIELD, ProtocolLimits, check_limits, write_limits
 from qprobe.errors import QProbeError
-from qprobe.io import content_hash, write_json_atomic, write_text_atomic
+from qprobe.io import content_hash, write_json_atomic
 from qprobe.models.factory import check_checkpoint, load_processor
 from qprobe.train.checkpoints import CheckpointLoading, drop_checkpoints, record_run, use_run_dir
+from qprobe.train.history import last_logged, write_curves
 
 log = logging.getLogger(__name__)
 
@@ -331,37 +332,6 @@ def release(trainer: Any) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def logged_steps(history: Iterable[Mapping[str, Any]]) -> list[dict[str, float]]:
-    """One row per logged step: ``step`` and every numeric key the trainer logged there (not its final summary).
-
-    A resumed run's history holds the steps before its checkpoint too (the Trainer restores it), so the
-    rows cover the whole run.
-    """
-    rows: dict[int, dict[str, float]] = {}
-    for entry in history:
-        if "train_runtime" in entry or "step" not in entry:
-            continue
-        row = rows.setdefault(int(entry["step"]), {"step": int(entry["step"])})
-        row.update({k: float(v) for k, v in entry.items()
-                    if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)})
-    return [rows[step] for step in sorted(rows)]
-
-
-def last_logged(history: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """The last value of every numeric key the trainer logged during training (not its final summary)."""
-    latest: dict[str, float] = {}
-    for row in logged_steps(history):
-        latest.update({k: v for k, v in row.items() if k != "step"})
-    return latest
-
-
-def write_curves(history: Iterable[Mapping[str, Any]], path: str | Path) -> None:
-    """The stage's curves as CSV: ``step``, then one column per logged key (empty where a step lacks it)."""
-    import pandas as pd
-
-    write_text_atomic(path, pd.DataFrame(logged_steps(history)).to_csv(index=False))
 
 
 def run_stage(stage: str, cfg: StageArgs, make_trainer: Callable[[Path, Any], Any],
