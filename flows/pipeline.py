@@ -35,7 +35,7 @@ from prefect.runtime import flow_run
 from qprobe.config import PARAMS_FILE, load_params, repo_root, to_flat_dict
 from qprobe.profiles import apply_profile
 from qprobe.tracking import fail_orphaned_runs, stage_run, tracking_uri
-from tasks.dvc_stage import StageResult, launch_stage, run_stage, stage_order
+from tasks.dvc_stage import StageResult, launch_stage, run_stage, stage_order, status_verdict
 
 # The stages that want accelerators; with a cluster target they run there, the rest run here.
 GPU_STAGES = ("stage1", "stage2", "stage3")
@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"Pipeline run {result['run_id']} finished: " +
           ", ".join(f"{s} {'ran' if ran else 'cached'}" for s, ran in result["stages"].items()))
-    print(f"  outputs:  {root / 'data'}  {root / 'models'}  (DVC-tracked; `dvc status` is clean)")
+    print(f"  outputs:  {root / 'data'}  {root / 'models'}  (DVC-tracked; `dvc status`: {status_verdict(root)})")
     print(f"  metrics:  {root / 'metrics'}  (`dvc metrics show`, `dvc plots show`)")
     report = root / "outputs" / "evaluate" / "report.html"
     if report.is_file():

@@ -11,6 +11,7 @@ flow is interrupted (or a timeout expires) the whole group is stopped, not only 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -103,6 +104,21 @@ def dvc(args: list[str], root: str | Path, env: dict[str, str] | None = None,
                 log.warning("dvc %s: processes %s survived SIGKILL", " ".join(args), left)
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def status_verdict(root: str | Path) -> str:
+    """What ``dvc status`` says of the workspace, in a few words: ``clean``, or which stages changed."""
+    proc = dvc(["status", "--json"], root)
+    if proc.returncode != 0:
+        return "unknown (" + (proc.stderr.strip().splitlines() or ["dvc status failed"])[-1][:120] + ")"
+    try:
+        changed = json.loads(proc.stdout or "{}")
+    except ValueError:
+        return "unknown (dvc status printed no JSON)"
+    if not changed:
+        return "clean"
+    names = sorted(key.rsplit(":", 1)[-1] for key in changed)
+    return f"{len(names)} changed ({', '.join(names)}): `dvc repro` would run them"
 
 
 def repro_stage(stage: str, root: str | Path, parent_run_id: str | None = None,
