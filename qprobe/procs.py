@@ -1,6 +1,6 @@
 """Processes as Linux's ``/proc`` sees them: liveness that tells a reused PID apart, process groups, stopping one.
 
-Shared by the local services (:mod:`qprobe.services`), the pipeline's stage subprocesses
+Shared by the local services (:mod:`qprobe.ops.services`), the pipeline's stage subprocesses
 (``tasks/dvc_stage.py``) and the MLflow orphan sweep (:mod:`qprobe.tracking`).
 """
 

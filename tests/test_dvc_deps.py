@@ -94,7 +94,7 @@ def test_stage_deps_cover_the_code_its_command_runs(stage: str) -> None:
     assert not missing, f"dvc.yaml: stage {stage!r} runs {missing} but does not list them in its deps"
 
 
-def test_closure_follows_lazy_and_relative_imports(tmp_path: Path) -> None:
+def test_closure_follows_lazy_and_relative_imports() -> None:
     """The closure of the bench command reaches code it imports only inside functions."""
     files = closure("qprobe.bench.synthesize")
     assert "qprobe/validation/bench.py" in files  # imported lazily, inside a function
