@@ -16,7 +16,10 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import inspect
 import os
+import re
+import sys
 import types
 import typing
 from collections.abc import Collection, Mapping, Sequence
@@ -191,34 +194,137 @@ def _parse_values(values: list[str], tp: Any, flag: str) -> Any:
     return _coerce(parsed, tp, flag)
 
 
+# The groups a stage's options are shown in by ``--help``, in this order. A field names its group in its
+# metadata (``group``); a config class names those of the fields it inherits (trl's) in ``METADATA``. A
+# class whose fields name groups shows only those under ``--help``, the rest under ``--help-all``.
+GROUPS = {
+    "data": "data: what it reads and writes",
+    "model": "model: where it starts, what trains, precision and device",
+    "reward": "reward: the rollouts and what they earn",
+    "tool": "tool: the protocol's limits (the `protocol:` section, one value for every stage)",
+    "schedule": "schedule: batches, steps, learning rate, checkpoints and logging",
+}
+_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`([^`]*)`")  # Sphinx roles: :class:`~a.B`, :ref:`text <target>`
+_HF_LINK = re.compile(r"\[`([^`]*)`\]")  # Hugging Face docstring links: [`~transformers.Trainer`]
+
+
+def _role_text(target: str) -> str:
+    """What Sphinx shows for a role's target: ``text <target>`` its text, ``~a.b.C`` the last name only."""
+    target = re.sub(r"\s*<[^>]*>$", "", target)
+    return target.rsplit(".", 1)[-1] if target.startswith("~") else target
+
+
+def plain_text(text: str) -> str:
+    """``text`` (a docstring or a field's help) with its reStructuredText markup turned into plain text:
+    roles and Hugging Face links become their names in backticks, ````code```` becomes ```code```."""
+    text = _ROLE.sub(lambda m: f"`{_role_text(m.group(1))}`", text)
+    text = _HF_LINK.sub(lambda m: f"`{_role_text(m.group(1))}`", text)
+    text = text.replace("``", "`")
+    return re.sub(r"(\S)::$", r"\1:", text, flags=re.MULTILINE)  # "Run it::" introduces a literal block
+
+
+def _flags(cls: type, inherited: Mapping[str, Any] | None = None,
+           ) -> list[tuple[dataclasses.Field[Any], Any, dict[str, Any]]]:
+    """Each field of ``cls`` that gets a flag, with its type and metadata (the field's, then what the
+    class's ``METADATA`` says of it); a field filled from another section gives its dataclass's fields,
+    in its own group."""
+    hints = typing.get_type_hints(cls)
+    overrides: Mapping[str, Mapping[str, Any]] = getattr(cls, "METADATA", {})
+    found: list[tuple[dataclasses.Field[Any], Any, dict[str, Any]]] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        meta = {**(inherited or {}), **f.metadata, **overrides.get(f.name, {})}
+        if "section" in f.metadata:
+            found += _flags(hints[f.name], {"group": meta["group"]} if "group" in meta else None)
+        else:
+            found.append((f, hints[f.name], meta))
+    # The class's own fields first, then those it inherits and gives a group (a trl field in a stage's group).
+    return sorted(found, key=lambda spec: spec[0].name in overrides)
+
+
 def flag_fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
     """The fields of ``cls`` that get a flag, with their types: its own, and in place of a field filled
     from another section, that section's dataclass's fields."""
-    hints = typing.get_type_hints(cls)
-    found: list[tuple[dataclasses.Field[Any], Any]] = []
-    for f in dataclasses.fields(cls):
-        if f.init:
-            found += flag_fields(hints[f.name]) if "section" in f.metadata else [(f, hints[f.name])]
-    return found
+    return [(f, tp) for f, tp, _ in _flags(cls)]
 
 
-def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one ``--flag-name`` per field of ``cls`` (help from the field metadata)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value as the command line (lists: space-separated) or params.yaml (mappings) spells it."""
+    if isinstance(value, bool) or value is None:
+        text = {True: "true", False: "false", None: "null"}[value]
+    elif isinstance(value, list | tuple):
+        text = " ".join(_shown(v) for v in value) if value else "[]"
+    elif isinstance(value, dict):
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    elif value == "":
+        text = '""'
+    else:
+        text = str(getattr(value, "value", value))  # an enum: its value
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _FullHelp(argparse.Action):
+    """``--help-all``: print the parser ``full()`` builds (every option, the whole description) and exit."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, full: Any, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+        self.full = full
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        self.full().print_help()
+        parser.exit()
+
+
+def build_parser(cls: type, prog: str, description: str | None = None, in_force: Mapping[str, Any] | None = None,
+                 source: str = PARAMS_FILE, full: bool = False) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--flag-name`` per field of ``cls``.
+
+    Each flag's help is its field's (plain text) and the value it takes when not given: ``in_force`` (what
+    the parameter file ``source`` sets) or the field's default. When fields name groups (:data:`GROUPS`)
+    the help shows those groups and the description's first paragraph; ``--help-all`` (``full``) adds the
+    whole description and the other fields (trl's), which are accepted either way.
+    """
+    specs = _flags(cls)
+    in_force = in_force or {}
+    grouped = any("group" in meta for _, _, meta in specs)
+    text = plain_text(inspect.cleandoc(description or ""))
+    hidden = sum("group" not in meta for _, _, meta in specs) if grouped and not full else 0
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [options]" if grouped else None,
+        description=text if full or not grouped else text.split("\n\n")[0],
+        epilog=f"--help-all: the full description and {hidden} more options (trl's)" if hidden else None)
     parser.add_argument("--params", default=PARAMS_FILE, help="parameter file whose section gives the defaults")
-    for f, tp in flag_fields(cls):
+    if grouped:
+        parser.add_argument("--help-all", action=_FullHelp, help="every option, and the full description",
+                            full=lambda: build_parser(cls, prog, description, in_force, source, full=True))
+    sections = {name: parser.add_argument_group(title) for name, title in GROUPS.items()} if grouped else {}
+    others = parser.add_argument_group("other options: trl's and transformers' trainer settings") if full else parser
+    for f, tp, meta in specs:
+        if grouped and meta.get("group", "") not in (*GROUPS, ""):
+            raise ValueError(f"{cls.__name__}.{f.name}: unknown help group {meta['group']!r} (one of {list(GROUPS)})")
+        where = f"{source}: {_shown(in_force[f.name])}" if f.name in in_force else f"default: {_shown(_default(f))}"
+        # Help texts are argparse's (trl's escape their %); the value shown is not.
+        help_text = plain_text(meta.get("help") or "") + " (" + where.replace("%", "%%") + ")"
+        if grouped and "group" not in meta and not full:
+            help_text = argparse.SUPPRESS
+        group = sections[meta["group"]] if "group" in meta and grouped else others
         flag = "--" + f.name.replace("_", "-")
-        inner, _ = _optional_inner(tp)
-        if inner is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f.metadata.get("help"))
+        if _optional_inner(tp)[0] is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
         elif _is_sequence(tp):
-            parser.add_argument(flag, dest=f.name, default=None, nargs="+", metavar=f.name.upper(),
-                                help=f.metadata.get("help"))
+            group.add_argument(flag, dest=f.name, default=None, nargs="+", metavar=f.name.upper(), help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
-                                help=f.metadata.get("help"))
+            group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
     return parser
 
 
@@ -255,6 +361,15 @@ def _shared_section(params: Mapping[str, Any], base: Mapping[str, Any], f: datac
     return from_dict(tp, {**values, **_flag_values(args, tp)}, f"{params_path}:{name}")
 
 
+def _in_force(cls: type, params: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
+    """The flags' values that the parameter file sets: the stage's section, and the shared sections."""
+    values = dict(base)
+    for f in dataclasses.fields(cls):
+        if "section" in f.metadata and isinstance(params.get(f.metadata["section"]), dict):
+            values.update(params[f.metadata["section"]])
+    return values
+
+
 def parse_config(
     cls: type[T],
     section: str | None,
@@ -267,19 +382,23 @@ def parse_config(
     A missing ``params.yaml`` is fine when the caller passes everything on the command line; an
     explicitly named ``--params`` file must exist.
     """
-    parser = build_parser(cls, prog or f"qprobe {section}", description)
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    params_path = Path(args.params)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--params", default=PARAMS_FILE)
+    named = pre.parse_known_args(argv)[0].params
+    params_path = Path(named)
     params: dict[str, Any] = {}
     base: dict[str, Any] = {}
-    explicit = args.params != PARAMS_FILE
-    if section is not None and (params_path.is_file() or explicit):
+    if section is not None and (params_path.is_file() or named != PARAMS_FILE):
         # The section asked for is read by definition, even one outside SECTIONS.
         params = load_params(params_path, {*SECTIONS, section})
         base = params.get(section) or {}
         if not isinstance(base, dict):
             raise ConfigError(f"{params_path}: section {section!r} must be a mapping")
         base = dict(base)
+    parser = build_parser(cls, prog or f"qprobe {section}", description, _in_force(cls, params, base),
+                          str(params_path))
+    args = parser.parse_args(argv)
     where = f"{params_path}:{section}" if section else cls.__name__
     hints = typing.get_type_hints(cls)
     shared = {f.name: _shared_section(params, base, f, hints[f.name], args, where, params_path)

@@ -225,6 +225,41 @@ def build_deqa(root: Path) -> Spec:
                 official_splits={"KONIQ/images/826380.jpg": "test", "CUSTOM/images/a.png": "test"})
 
 
+def build_uhdiqa(root: Path, *, per_set: bool = False) -> Spec:
+    """``UHD-IQA-database/uhd-iqa-metadata.csv`` + ``training/``, ``validation/``, ``test/`` (the images are
+    3840 px wide in the release; tiny here); ``per_set``: the AIM 2024 challenge's one file per set."""
+    folder = root / "UHD-IQA-database"
+    sets = ["training"] * 4 + ["validation"] * 2 + ["test"] * 2
+    names = [f"{1000 + i}.jpg" for i in range(len(sets))]
+    mos = np.linspace(0.0, 1.0, len(names))
+    for i, (name, where) in enumerate(zip(names, sets, strict=True)):
+        write_image(folder / where / name, (24, 16), i)
+    rows = [[n, round(m, 6), s, "", 4000, 2667, 100, 10, 5, 50, 1, 123456, "someone", "https://pixabay.com/x", f"x-{n}"]
+            for n, m, s in zip(names, mos, sets, strict=True)]
+    header = ["image_name", "quality_mos", "set", "subset", "orig_width", "orig_height", "views", "likes",
+              "favorites", "downloads", "comments", "image_bytes", "user_name", "page_url", "image_name_orig"]
+    if per_set:
+        for name in ("training", "validation", "test"):
+            write_csv(folder / f"uhd-iqa-{name}-metadata.csv", header, [r for r in rows if r[2] == name])
+    else:
+        write_csv(folder / "uhd-iqa-metadata.csv", header, rows)
+    return Spec(count=len(names), scores={names[0]: (0.0, 1.0, None), names[-1]: (1.0, 5.0, None)},
+                official_splits=dict(zip(names, ["train"] * 4 + ["val"] * 2 + ["test"] * 2, strict=True)))
+
+
+def build_hriq(root: Path) -> Spec:
+    """``hriq_mos_file.csv`` (image path first, the MOS in the eighth column) + ``2880x2160/`` (and the
+    smaller copies the release ships beside them)."""
+    names = [f"{i:04d}.jpg" for i in range(1, 9)]
+    mos = np.linspace(1.0, 5.0, len(names))
+    for i, name in enumerate(names):
+        write_image(root / "2880x2160" / name, (32, 24), i)
+        write_image(root / "512x384" / name, (8, 6), i)
+    write_csv(root / "hriq_mos_file.csv", ["filename", "r1", "r2", "r3", "r4", "r5", "n", "mos_value", "std"],
+              [[f"2880x2160/{n}", 0, 1, 5, 10, 9, 25, m, 0.7] for n, m in zip(names, mos, strict=True)])
+    return Spec(count=len(names), scores={names[0]: (1.0, 1.0, None), names[-1]: (5.0, 5.0, None)})
+
+
 BUILDERS = {
     "koniq10k": build_koniq10k,
     "spaq": build_spaq,
@@ -235,4 +270,6 @@ BUILDERS = {
     "csiq": build_csiq,
     "tid2013": build_tid2013,
     "deqa": build_deqa,
+    "uhdiqa": build_uhdiqa,
+    "hriq": build_hriq,
 }

@@ -57,6 +57,24 @@ def test_a_report_cell_holding_markup_is_escaped(tmp_path: Path) -> None:
     assert tags.tags.count("style") == 1 and "figure img{" in page  # the shared stylesheet, inlined
 
 
+def test_the_report_names_the_run_and_the_model_weights_beside_the_commit(tmp_path: Path) -> None:
+    import mlflow
+
+    from qprobe.io import content_hash
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"weights")
+    data = ReportData(title="t", model=str(model), config={}, sets=["bench"], methods=["qprobe"],
+                      nested={"bench": {"qprobe": {"n": 3, "outcome.answer": 3}}},
+                      predictions=pd.DataFrame(columns=["set", "id", "method", "score", "mos"]),
+                      probes={}, curves=None, gallery=2, stages=[], seconds=1.0)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run() as run:
+        page = write_report(data, {}, tmp_path / "report.html").read_text()
+    assert f"MLflow run {run.info.run_id}" in page and f"model md5 {content_hash(model)[:12]}" in page
+
+
 def test_a_samples_page_turn_holding_markup_is_escaped() -> None:
     view = Image.new("RGB", (64, 48), (90, 90, 90))
     sample = {"id": SCRIPT, "kind": "high", "mos": 3.0, "width": 64, "height": 48, "crops": [[0, 0, 32, 24]],

@@ -13,12 +13,15 @@ from fixtures_public import (
     SPAQ_COLUMNS,
     build_csiq,
     build_deqa,
+    build_hriq,
     build_kadid10k,
     build_koniq10k,
     build_pipal,
     build_spaq,
+    build_uhdiqa,
     csiq_rows,
     spaq_rows,
+    write_csv,
 )
 from PIL import Image
 
@@ -297,3 +300,21 @@ def test_relative_paths_survive_a_relative_root(tmp_path: Path) -> None:
     df = import_ok("koniq10k", Path("raw"), Path("public") / "koniq")
     assert df["image"].str.startswith("../../raw/1024x768/").all()
     assert image_path(Path("public/koniq/manifest.parquet"), df["image"].iloc[0]).is_file()
+
+
+def test_uhdiqa_challenge_layout_keeps_the_official_sets(tmp_path: Path) -> None:
+    spec = build_uhdiqa(tmp_path / "uhd", per_set=True)
+    df = import_ok("uhdiqa", tmp_path / "uhd", tmp_path / "out")
+    assert dict(zip(df["id"].map(key), df["split"], strict=True)) == spec.official_splits
+
+
+def test_hriq_reads_a_named_mos_column_and_bare_image_names(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "hriq"
+    build_hriq(root)
+    write_csv(root / "hriq_mos_file.csv", ["image", "MOS", "SD"], [["0001.jpg", 4.5, 0.3], ["0002.jpg", 2.0, 0.3]])
+    df = import_ok("hriq", root, tmp_path / "out")
+    assert sorted(df["mos"]) == [2.0, 4.5] and set(zip(df["width"], df["height"], strict=True)) == {(32, 24)}  # the rated size
+    write_csv(root / "hriq_mos_file.csv", ["image", "MOS"], [["0001.jpg", 4.5], ["0002.jpg", 5.5]])
+    err = error_of(capsys, "hriq", root, tmp_path / "out2")
+    assert "hriq_mos_file.csv: row 3, column 'MOS': score 5.5 is outside the published range [1, 5]" in err

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from datasets import load_from_disk
 from fixtures_train import repo_protocol
 
@@ -167,6 +168,24 @@ def test_cli_refuses_test_split_and_missing_bench(tmp_path: Path, capsys: pytest
     assert "train_splits must not contain 'test'" in capsys.readouterr().err
     assert cli_main(["trajectories", "--params", str(params), "--bench", str(tmp_path / "nope")]) == 2
     assert "manifest not found" in capsys.readouterr().err
+
+
+def test_stage1_on_a_set_not_imported_names_the_import_command(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    params = tmp_path / "p.yaml"
+    params.write_text("trajectories: {}\n")
+    kadid = tmp_path / "data" / "public" / "kadid10k"
+    assert cli_main(["trajectories", "--params", str(params), "--stage1-source", str(kadid)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's own log lines
+    assert err.startswith("qprobe trajectories: error: trajectories.stage1_source:")
+    assert f"`qprobe data import kadid10k --root RELEASE_FOLDER --out {kadid}`" in err
+
+
+def test_the_paper_profile_trains_stage1_on_kadid_and_the_default_on_the_bench() -> None:
+    root = Path(__file__).resolve().parents[1]
+    paper = yaml.safe_load((root / "configs" / "paper.yaml").read_text())["trajectories"]
+    default = yaml.safe_load((root / "params.yaml").read_text())["trajectories"]
+    assert paper["stage1_source"] == "data/public/kadid10k" and default["stage1_source"] == "bench"
 
 
 class _TeacherHandler(BaseHTTPRequestHandler):

@@ -15,6 +15,7 @@ import base64
 import io
 import logging
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from qprobe.draw import CROP, PREDICTION, TRUTH, Mark, css_colour, draw_marks, f
 from qprobe.errors import QProbeError
 from qprobe.eval.metrics import HEADLINE
 from qprobe.eval.probes import ProbeResult
-from qprobe.io import load_image, write_text_atomic
+from qprobe.io import content_hash, load_image, write_text_atomic
 from qprobe.pages import render_page
 
 log = logging.getLogger(__name__)
@@ -344,11 +345,22 @@ NOTES = (
 )
 
 
+def _mlflow_run_id() -> str:
+    """The active MLflow run's id (the evaluate stage's), without importing MLflow where nothing uses it."""
+    mlflow = sys.modules.get("mlflow")
+    run = mlflow.active_run() if mlflow is not None else None
+    return run.info.run_id if run is not None else "none"
+
+
 def write_report(data: ReportData, figures: dict[str, Path], path: Path) -> Path:
     """Write the self-contained HTML report to ``path``; returns it."""
     from qprobe.tracking import git_commit
 
     commit = git_commit() or "unknown"
+    model = Path(data.model)
+    # The commit says which code ran; the model's content hash says which weights (the same one the
+    # training stages tag their runs with), and the run id where the figures are logged.
+    model_hash = content_hash(model)[:12] if model.exists() else "none (an endpoint)"
     images = int(data.predictions[["set", "id"]].drop_duplicates().shape[0]) if len(data.predictions) else 0
     sections = [
         ("agreement", "Agreement with MOS", _agreement(data, figures)),
@@ -363,6 +375,6 @@ def write_report(data: ReportData, figures: dict[str, Path], path: Path) -> Path
     ]
     page = render_page("report.html.jinja", title=data.title, data=data, sections=sections, images=images,
                        notes=NOTES, methods=", ".join(method_label(m) for m in data.methods), commit=commit[:12],
-                       when=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+                       run_id=_mlflow_run_id(), model_hash=model_hash, when=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     write_text_atomic(path, page)
     return path

@@ -62,26 +62,39 @@ LANGUAGE_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class StageArgs:
     """The knobs every stage adds to trl's config (the stages set their own defaults)."""
 
-    model: str = field(default="models/base", metadata={
+    model: str = field(default="models/base", metadata={"group": "model",
         "help": "Qwen2.5-VL to start from: a checkpoint folder or a Hugging Face id in the local cache"})
-    dataset: str = field(default="", metadata={"help": "training set: a folder written by `save_to_disk`"})
-    out: str = field(default="", metadata={"help": "folder of the final model (the DVC output)"})
-    metrics: str = field(default="", metadata={"help": "JSON file of the final metrics (DVC metrics)"})
-    curves: str = field(default="", metadata={
+    dataset: str = field(default="", metadata={
+        "group": "data", "help": "training set: a folder written by `save_to_disk`"})
+    out: str = field(default="", metadata={"group": "data", "help": "folder of the final model (the DVC output)"})
+    metrics: str = field(default="", metadata={
+        "group": "data", "help": "JSON file of the final metrics (DVC metrics)"})
+    curves: str = field(default="", metadata={"group": "data",
         "help": "CSV of every logged step's figures (loss, rewards, ...), the stage's DVC plot and the report's "
                 "training curves; default: beside metrics, as STEM_curves.csv"})
-    resume: str = field(default="auto", metadata={
+    resume: str = field(default="auto", metadata={"group": "schedule",
         "help": "auto: continue from the last checkpoint of this configuration in output_dir, if any; "
                 "never: start afresh (its checkpoints are removed); or the path of a checkpoint folder"})
-    lora: bool = field(default=False, metadata={"help": "train LoRA adapters (merged into the final model)"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora: bool = field(default=False, metadata={
+        "group": "model", "help": "train LoRA adapters (merged into the final model)"})
+    lora_r: int = field(default=16, metadata={"group": "model", "help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"group": "model", "help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"group": "model", "help": "LoRA dropout"})
     lora_target_modules: list[str] = field(default_factory=lambda: list(LANGUAGE_LINEAR), metadata={
-        "help": "names of the linear layers that get adapters"})
-    freeze_vision: bool = field(default=True, metadata={
+        "group": "model", "help": "names of the linear layers that get adapters"})
+    freeze_vision: bool = field(default=True, metadata={"group": "model",
         "help": "keep the vision tower (ViT and patch merger) frozen; with LoRA, give it no adapters"})
-    protocol: ProtocolLimits = field(default_factory=ProtocolLimits, metadata=PROTOCOL_FIELD)
+    protocol: ProtocolLimits = field(default_factory=ProtocolLimits, metadata={**PROTOCOL_FIELD, "group": "tool"})
+
+    # The help groups (qprobe.config.GROUPS) of the trainer's fields every stage sets in params.yaml or
+    # configs/paper.yaml; trl's other fields are listed by `--help-all` only.
+    METADATA: ClassVar[dict[str, dict[str, str]]] = {
+        **{name: {"group": "model"} for name in ("model_init_kwargs", "bf16", "use_cpu", "activation_checkpointing")},
+        **{name: {"group": "schedule"} for name in (
+            "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
+            "warmup_steps", "weight_decay", "max_steps", "num_train_epochs", "logging_steps", "save_strategy",
+            "save_steps", "save_total_limit", "seed", "report_to", "dataloader_num_workers")},
+    }
 
     # Config keys that leave the trained weights alone: a change to them resumes the same checkpoints.
     UNTRAINED_KEYS: ClassVar[frozenset[str]] = frozenset({
@@ -115,6 +128,19 @@ class StageArgs:
     def to_dict(self) -> dict[str, Any]:
         """trl's dict of the config, the protocol's limits as a plain mapping (JSON, MLflow, the fingerprint)."""
         return {**super().to_dict(), "protocol": dataclasses.asdict(self.protocol)}
+
+
+# What the GRPO stages (1 and 3) add to StageArgs.METADATA: trl's generation and KL fields.
+GRPO_METADATA: dict[str, dict[str, str]] = {
+    **{name: {"group": "reward"} for name in ("num_generations", "temperature", "max_completion_length",
+                                              "log_completions")},
+    # trl's name; the paper's beta is a reward weight (stage 3's `rewards: {localization: ...}`).
+    "beta": {"group": "reward", "help": "KL coefficient (trl): weight of the KL penalty to the starting model; "
+                                        "not the paper's reward weight beta, which is stage 3's "
+                                        "`rewards: {localization: ...}`. 0: no reference model is loaded"},
+    **{name: {"group": "model"} for name in ("use_vllm", "vllm_mode", "vllm_server_host", "vllm_server_port",
+                                             "vllm_server_timeout")},
+}
 
 
 # ---------------------------------------------------------------------------------------------------

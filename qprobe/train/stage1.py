@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from trl import GRPOConfig
 
@@ -18,6 +18,7 @@ from qprobe.config import parse_config
 from qprobe.rewards import build_rewards, required_columns
 from qprobe.train.checkpoints import GRPOStageTrainer
 from qprobe.train.common import (
+    GRPO_METADATA,
     StageArgs,
     check_pixel_budgets,
     load_dataset_dir,
@@ -34,19 +35,25 @@ class Stage1Config(StageArgs, GRPOConfig):
     """trl's GRPOConfig, the shared stage knobs (:class:`~qprobe.train.common.StageArgs`) and the rewards."""
 
     model: str = field(default="models/base", metadata={
+        "group": "model",
         "help": "Qwen2.5-VL to start from: the `model` stage's output, another folder, or a Hugging Face id"})
     dataset: str = field(default="data/trajectories/stage1", metadata={
-        "help": "stage-1 set (prompt, images, id, mos, mos_std) from `qprobe trajectories`"})
-    out: str = field(default="models/stage1", metadata={"help": "folder of the final model"})
-    metrics: str = field(default="metrics/stage1.json", metadata={"help": "JSON file of the final metrics"})
+        "group": "data", "help": "stage-1 set (prompt, images, id, mos, mos_std) from `qprobe trajectories`"})
+    out: str = field(default="models/stage1", metadata={"group": "data", "help": "folder of the final model"})
+    metrics: str = field(default="metrics/stage1.json", metadata={
+        "group": "data", "help": "JSON file of the final metrics"})
     output_dir: str = field(default="models/checkpoints/stage1", metadata={
-        "help": "checkpoints, one subfolder per configuration (not a DVC output)"})
+        "group": "schedule", "help": "checkpoints, one subfolder per configuration (not a DVC output)"})
     per_device_train_batch_size: int = field(default=16, metadata={
+        "group": "schedule",
         "help": "completions per device and step: whole groups of num_generations, two images or more"})
     rewards: dict[str, float] = field(default_factory=lambda: {"thurstone": 1.0, "format": 1.0}, metadata={
+        "group": "reward",
         "help": "reward name -> weight, from the registry in qprobe.rewards; the weighted sum is the reward"})
     reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
-        "help": "reward name -> its keyword options (e.g. {accuracy: {tau: 0.5}})"})
+        "group": "reward", "help": "reward name -> its keyword options (e.g. {accuracy: {tau: 0.5}})"})
+
+    METADATA: ClassVar[dict[str, dict[str, str]]] = {**StageArgs.METADATA, **GRPO_METADATA}
 
     def __post_init__(self) -> None:
         # A config rebuilt from another's fields carries the weights derived below.
@@ -91,8 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     * ``format``: 1 if the completion follows the protocol strictly (``<think>`` then ``<answer>``).
 
     A completion's advantage is its reward minus its group's mean, over the group's std. The loss is
-    trl's clipped policy gradient on those advantages plus ``beta`` x KL to the starting model. Each
-    device must hold whole groups, at least two images of them (checked when the config is read).
+    trl's clipped policy gradient on those advantages plus ``beta`` (trl's KL coefficient) x KL to the
+    starting model. Each device must hold whole groups, at least two images of them (checked when the
+    config is read).
 
     Starts from ``model`` (``models/base``, the tiny model, in the embedded default; a Qwen2.5-VL-7B
     folder or Hugging Face id at paper scale) and writes the trained model to ``out``. Run it::

@@ -29,25 +29,32 @@ from qprobe.train.common import (
 class Stage2Config(StageArgs, SFTConfig):
     """trl's SFTConfig, the shared stage knobs (:class:`~qprobe.train.common.StageArgs`) and the held-out check."""
 
-    model: str = field(default="models/stage1", metadata={"help": "model to start from: stage 1's output"})
+    model: str = field(default="models/stage1", metadata={
+        "group": "model", "help": "model to start from: stage 1's output"})
     dataset: str = field(default="data/trajectories/sft", metadata={
-        "help": "Probe-CoT set (messages, images) from `qprobe trajectories`"})
-    out: str = field(default="models/stage2", metadata={"help": "folder of the final model"})
-    metrics: str = field(default="metrics/stage2.json", metadata={"help": "JSON file of the final metrics"})
+        "group": "data", "help": "Probe-CoT set (messages, images) from `qprobe trajectories`"})
+    out: str = field(default="models/stage2", metadata={"group": "data", "help": "folder of the final model"})
+    metrics: str = field(default="metrics/stage2.json", metadata={
+        "group": "data", "help": "JSON file of the final metrics"})
     output_dir: str = field(default="models/checkpoints/stage2", metadata={
-        "help": "checkpoints, one subfolder per configuration (not a DVC output)"})
+        "group": "schedule", "help": "checkpoints, one subfolder per configuration (not a DVC output)"})
     assistant_only_loss: bool = field(default=True, metadata={
+        "group": "data",
         "help": "loss on the assistant turns only (the chat template's generation blocks); must stay true"})
     kind_repeats: dict[str, int] = field(default_factory=lambda: {"low": 1, "high": 1}, metadata={
+        "group": "data",
         "help": "times each sample of a kind (low: one-turn low-resolution, high: multi-turn with crops) is "
                 "seen per epoch; 0 leaves the kind out. 1 and 1 keep the data's mix (2:1, the paper's)"})
     heldout_bench: str = field(default="data/bench", metadata={
+        "group": "data",
         "help": "bench whose heldout_split, scenes no training set holds, checks the trained model"})
-    heldout_split: str = field(default="val", metadata={"help": "the bench split held out from training"})
-    heldout_samples: int = field(default=12, metadata={"help": "held-out photos to roll out"})
+    heldout_split: str = field(default="val", metadata={
+        "group": "data", "help": "the bench split held out from training"})
+    heldout_samples: int = field(default=12, metadata={"group": "data", "help": "held-out photos to roll out"})
     heldout_max_new_tokens: int = field(default=640, metadata={
-        "help": "token budget of one held-out rollout, all turns together"})
+        "group": "data", "help": "token budget of one held-out rollout, all turns together"})
 
+    METADATA: ClassVar[dict[str, dict[str, str]]] = {**StageArgs.METADATA, "max_length": {"group": "data"}}
     UNTRAINED_KEYS: ClassVar[frozenset[str]] = StageArgs.UNTRAINED_KEYS | {
         "heldout_bench", "heldout_split", "heldout_samples", "heldout_max_new_tokens"}
 

@@ -29,6 +29,7 @@ from qprobe.errors import QProbeError
 from qprobe.rewards import MIN_REWARD, RewardFn, build_rewards, final_answer, required_columns
 from qprobe.train.checkpoints import GRPOStageTrainer
 from qprobe.train.common import (
+    GRPO_METADATA,
     StageArgs,
     check_pixel_budgets,
     load_dataset_dir,
@@ -47,31 +48,39 @@ class Stage3Config(StageArgs, GRPOConfig):
     """trl's GRPOConfig, the shared stage knobs (:class:`~qprobe.train.common.StageArgs`), R and the crop tool."""
 
     model: str = field(default="models/stage2", metadata={
-        "help": "model to start from: stage 2's output, which already calls the crop tool"})
+        "group": "model", "help": "model to start from: stage 2's output, which already calls the crop tool"})
     dataset: str = field(default="data/trajectories/rl", metadata={
+        "group": "data",
         "help": "Probe-RL set (prompt, images, original, mos, has_defect, defects, width, height) from "
                 "`qprobe trajectories`; `original` is the high-resolution photo the crop tool cuts"})
-    out: str = field(default="models/stage3", metadata={"help": "folder of the final model"})
-    metrics: str = field(default="metrics/stage3.json", metadata={"help": "JSON file of the final metrics"})
+    out: str = field(default="models/stage3", metadata={"group": "data", "help": "folder of the final model"})
+    metrics: str = field(default="metrics/stage3.json", metadata={
+        "group": "data", "help": "JSON file of the final metrics"})
     output_dir: str = field(default="models/checkpoints/stage3", metadata={
-        "help": "checkpoints, one subfolder per configuration (not a DVC output)"})
+        "group": "schedule", "help": "checkpoints, one subfolder per configuration (not a DVC output)"})
     rewards: dict[str, float] = field(
         default_factory=lambda: {"accuracy": 1.0, "localization": 0.5, "format": 0.5}, metadata={
-            "help": "R's components and their weights (alpha, beta, gamma): accuracy, localization and format "
-                    "(required: tool failures cost it); leave one out for an ablation. Decoupled mode only"})
+            "group": "reward",
+            "help": "R's components and their weights, the paper's alpha, beta, gamma: {accuracy: alpha, "
+                    "localization: beta, format: gamma} (format required: failed tool calls cost it); leave one "
+                    "out for an ablation. Decoupled mode only. Not trl's --beta, the KL coefficient"})
     reward_options: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
-        "help": "reward name -> its keyword options (e.g. {accuracy: {tau: 0.5}})"})
+        "group": "reward", "help": "reward name -> its keyword options (e.g. {accuracy: {tau: 0.5}})"})
     reward_mode: str = field(default="decoupled", metadata={
+        "group": "reward",
         "help": "decoupled: R = alpha R_acc + beta R_loc + gamma R_format, each component a reward function of "
                 "its own for trl (logged apart, normalised apart under multi_objective_aggregation: "
                 "normalize_then_sum); joint: one coupled reward R = R_acc (1 + R_loc) R_format, weights unused"})
     torch_threads: int | None = field(default=None, metadata={
+        "group": "model",
         "help": "CPU threads of torch (torch.set_num_threads); null: torch's default, every core. Token-by-token "
                 "generation of a small model runs many times faster on 1 thread than on 2 contended ones"})
     sample_rollouts: int = field(default=4, metadata={
+        "group": "schedule",
         "help": "rollouts of each step logged whole (every turn's text, the crops, the rewards) as the MLflow "
                 "artifact rollouts/step-N.jsonl; 0: none"})
 
+    METADATA: ClassVar[dict[str, dict[str, str]]] = {**StageArgs.METADATA, **GRPO_METADATA}
     UNTRAINED_KEYS: ClassVar[frozenset[str]] = StageArgs.UNTRAINED_KEYS | {"sample_rollouts", "torch_threads"}
 
     def __post_init__(self) -> None:
@@ -389,8 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``reward_mode: joint`` replaces the sum by one coupled reward R_acc (1 + R_loc) R_format: the ablation.
 
     Advantages are group-normalised within the K rollouts of a prompt, and the loss is trl's clipped policy
-    gradient plus ``beta`` x KL to the starting model, over the model's own tokens only: trl's ``tool_mask``
-    zeroes the tool turns (the crops and the lines around them), which the model reads but never wrote.
+    gradient plus ``beta`` (trl's KL coefficient, not R's beta) x KL to the starting model, over the
+    model's own tokens only: trl's ``tool_mask`` zeroes the tool turns (the crops and the lines around
+    them), which the model reads but never wrote.
 
     Starts from stage 2's output and writes the trained model to ``out``; the rollouts' tool use (calls,
     failures, crop area, truncation) is logged every step, with a sample of whole rollouts. Run it::

@@ -45,7 +45,7 @@ from qprobe.agent.crop import CropTool, global_view
 from qprobe.agent.protocol_config import write_limits
 from qprobe.bench.texture import TextureMap, texture_map
 from qprobe.config import parse_config, to_flat_dict
-from qprobe.data.manifest import image_path, read_manifest
+from qprobe.data.manifest import MANIFEST_NAME, image_path, read_manifest
 from qprobe.errors import QProbeError
 from qprobe.io import (
     check_out_vs_in,
@@ -294,6 +294,7 @@ def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
     out = Path(cfg.out)
     # The finished sets replace the whole folder: it must be one this command wrote.
     check_owned(out, "trajectories", known=(*SETS, "samples.html"))
+    public = stage1_manifest(cfg.stage1_source)  # first: a set not imported fails before any work
     manifest = read_manifest(cfg.bench)
     manifest_path = Path(manifest.attrs["path"])
     rows = _training_rows(manifest, cfg.train_splits)
@@ -316,7 +317,7 @@ def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
     rl_picks = _schedule(cfg.rl_size or len(rows), len(rows), rng)
     rl = [rl_prompt(p, cfg, root) for p in tqdm(_photos([rows[i] for i in rl_picks], manifest_path),
                                                  total=len(rl_picks), desc="probe-rl", unit="prompt")]
-    stage1 = _stage1(cfg, rows, manifest_path, rng)
+    stage1 = _stage1(cfg, rows, manifest_path, rng, public)
 
     # Great Expectations takes seconds to import: only a run that validates pays for it, not --help.
     from qprobe.trajectories.validation import validate_sets
@@ -341,10 +342,28 @@ def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
     }
 
 
+def stage1_manifest(source: str) -> pd.DataFrame | None:
+    """The imported public IQA manifest that ``stage1_source`` names; None for ``bench`` (the bench's photos).
+
+    One not imported yet is one line naming the ``qprobe data import`` command that makes it (the paper
+    profile points stage 1 at KADID-10k, which a fresh clone does not hold).
+    """
+    if source == "bench":
+        return None
+    path = Path(source)
+    if not path.is_file() and not (path / MANIFEST_NAME).is_file():
+        from qprobe.data.public import LOADERS
+
+        folder = path.parent if path.suffix == ".parquet" else path
+        name = folder.name if folder.name in LOADERS else "NAME"
+        raise QProbeError(f"trajectories.stage1_source: {source} is not imported; import it with `qprobe data "
+                          f"import {name} --root RELEASE_FOLDER --out {folder}` (or set stage1_source: bench)")
+    return read_manifest(path)
+
+
 def _stage1(cfg: TrajectoriesConfig, rows: list[dict[str, Any]], manifest_path: Path,
-            rng: random.Random) -> list[dict[str, Any]]:
-    if cfg.stage1_source != "bench":
-        public = read_manifest(cfg.stage1_source)
+            rng: random.Random, public: pd.DataFrame | None) -> list[dict[str, Any]]:
+    if public is not None:
         manifest_path = Path(public.attrs["path"])
         rows = _training_rows(public, cfg.train_splits)
     picks = _schedule(cfg.stage1_size or len(rows), len(rows), rng)

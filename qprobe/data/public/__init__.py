@@ -31,6 +31,12 @@ tid2013    mos_with_names.txt, mos_std.txt,            MOS 0-9         1 + 4 MOS
 deqa       <SET>/metas/train_*.json, test_*.json       gt_score on     the set's row above;    DeQA-Score,
            (Data-DeQA-Score bundle)                    its set's       else gt_score_norm      build_soft_labels/
                                                        scale           (DeQA's 1-5)            gen_soft_label.py
+uhdiqa     uhd-iqa-metadata.csv (image_name,           MOS 0-1         1 + 4 MOS               Hosu et al., ECCV
+           quality_mos, set), training/, validation/,                                          workshops 2024 (UHD-IQA
+           test/ (or the challenge's per-set files)                                            benchmark database)
+hriq       hriq_mos_file.csv (image path in column 1,  MOS 1-5         = MOS                   5-point ACR; Huang, Wan
+           MOS in column 8 or a MOS column),                                                   & Korhonen, ICASSP 2024
+           2880x2160/
 =========  ==========================================  ==============  ======================  ==========================
 
 ``mos_std`` is the published standard deviation times the same factor (4 / (high - low)); it is
@@ -49,9 +55,9 @@ downloaded to ``--cache-dir`` (default ``OUT/release``, resumable: objects alrea
 same size are kept), which keeps such an output folder self-contained.
 
 Splits are by source, so no scene is in two splits. The official split is kept where the release
-has one (KonIQ-10k's ``set`` column; DeQA's train/test files; PIPAL's Train/Val/Test label folders);
-a split the release lacks is drawn, seeded, from the sources of its train part: ``--test-fraction``
-and ``--val-fraction`` of them. Where a release has no split at all, that is the whole set.
+has one (KonIQ-10k's and UHD-IQA's ``set`` column; DeQA's train/test files; PIPAL's Train/Val/Test label
+folders); a split the release lacks is drawn, seeded, from the sources of its train part:
+``--test-fraction`` and ``--val-fraction`` of them. Where a release has no split at all, that is the whole set.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ from qprobe.config import ConfigError, parse_config
 from qprobe.data.manifest import MANIFEST_NAME, SPLITS, write_manifest
 from qprobe.data.public.common import DatasetError, Entry, Release
 from qprobe.data.public.deqa import load_deqa
+from qprobe.data.public.highres import load_hriq, load_uhdiqa
 from qprobe.data.public.synthetic import load_csiq, load_kadid10k, load_pipal, load_tid2013
 from qprobe.data.public.wild import load_agiqa3k, load_koniq10k, load_livec, load_spaq
 from qprobe.data.splits import assign_splits
@@ -90,6 +97,8 @@ LOADERS: dict[str, Loader] = {
     "csiq": load_csiq,
     "tid2013": load_tid2013,
     "deqa": load_deqa,
+    "uhdiqa": load_uhdiqa,
+    "hriq": load_hriq,
 }
 
 __all__ = ["LOADERS", "DatasetError", "Entry", "ImportConfig", "Release", "import_dataset", "main"]
