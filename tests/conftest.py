@@ -39,6 +39,10 @@ def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if "MLFLOW_TRACKING_URI" not in os.environ:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    # ``mlflow.set_experiment`` keeps the experiment's id in a global and in os.environ: in another
+    # test's store that id names nothing (or another experiment).
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    mlflow.tracking.fluent._active_experiment_id = None
 
 
 @pytest.fixture
