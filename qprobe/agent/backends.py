@@ -40,6 +40,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -116,10 +117,34 @@ class TransformersBackend:
                           finish_reason="stop" if stopped else "length", seconds=time.perf_counter() - start)
 
 
+_ENCODED: dict[int, str] = {}  # id(image) -> its data URL, while the image lives
+_ENCODED_LOCK = threading.Lock()
+
+
 def image_data_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    """``image`` as a lossless PNG data URL, encoded once however many turns send it again.
+
+    Every request carries the whole conversation, so a rollout's global view goes out once per turn;
+    encoding was most of the client's time. A protocol image is never changed once made, so its
+    encoding is kept, by identity, until the image is freed. Level 1 is as lossless as the default
+    6, and 4-5x faster for about 6% more bytes.
+    """
+    key = id(image)
+    with _ENCODED_LOCK:
+        url = _ENCODED.get(key)
+    if url is None:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=1)
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        with _ENCODED_LOCK:
+            _ENCODED[key] = url
+        weakref.finalize(image, _forget, key)
+    return url
+
+
+def _forget(key: int) -> None:
+    with _ENCODED_LOCK:
+        _ENCODED.pop(key, None)
 
 
 def _openai_blocks(content: Any) -> list[dict[str, Any]]:
