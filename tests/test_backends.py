@@ -9,10 +9,10 @@ import json
 import socket
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fixtures_endpoint import StandInEndpoint, completion
 from PIL import Image
 
 from qprobe.agent.backends import (
@@ -25,69 +25,6 @@ from qprobe.agent.backends import (
 from qprobe.agent.protocol import render_answer, render_tool_call, render_turn
 from qprobe.agent.rollout import RolloutConfig, rollout
 from qprobe.errors import QProbeError
-
-
-class FakeServer:
-    """A chat-completions server on 127.0.0.1: replays ``replies``, may fail first, records requests.
-
-    A reply is the assistant's text, or a whole answer body (any JSON value) to send as it is;
-    ``models`` is what ``/v1/models`` answers.
-    """
-
-    def __init__(self, replies: list[str | object], failures: int = 0, status: int = 500,
-                 models: object = None) -> None:
-        self.replies = list(replies)
-        self.models = models if models is not None else {"object": "list",
-                                                          "data": [{"id": "Qwen/Qwen2.5-VL-7B-Instruct"}]}
-        self.failures = failures
-        self.status = status
-        self.requests: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def _send(self, code: int, body: object) -> None:
-                data = (body if isinstance(body, str) else json.dumps(body)).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                if self.path == "/v1/models":
-                    self._send(200, server.models)
-                else:
-                    self._send(404, {"error": "not found"})
-
-            def do_POST(self) -> None:
-                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(payload)
-                if server.failures:
-                    server.failures -= 1
-                    self._send(server.status, "overloaded")
-                    return
-                reply = server.replies.pop(0)
-                self._send(200, _completion(reply) if isinstance(reply, str) else reply)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> FakeServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def _completion(text: str, usage: object = None) -> dict:
-    return {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": usage if usage is not None else {"prompt_tokens": 1500, "completion_tokens": 40}}
 
 
 @pytest.fixture
@@ -105,7 +42,7 @@ ANSWER = render_turn("a local blur", render_answer(2.5, []))
 
 def test_rollout_over_the_endpoint_sends_the_crop_as_an_image() -> None:
     photo = Image.new("RGB", (640, 480), (120, 30, 200))
-    with FakeServer([CALL, ANSWER]) as server:
+    with StandInEndpoint([CALL, ANSWER]) as server:
         backend = make_backend(server.url)
         assert isinstance(backend, OpenAIBackend) and backend.model == "Qwen/Qwen2.5-VL-7B-Instruct"
         trace = rollout(backend, photo, RolloutConfig(global_max_pixels=112 * 112, crop_max_pixels=112 * 112,
@@ -128,21 +65,21 @@ def test_rollout_over_the_endpoint_sends_the_crop_as_an_image() -> None:
 
 
 def test_retries_after_a_server_error() -> None:
-    with FakeServer([ANSWER], failures=2, status=500) as server:
+    with StandInEndpoint([ANSWER], failures=2, status=500) as server:
         backend = OpenAIBackend(server.url, max_retries=3, backoff=0.01)
         generation = backend.generate([{"role": "user", "content": "hi"}], max_new_tokens=8)
     assert generation.text == ANSWER and len(server.requests) == 3
 
 
 def test_gives_up_after_the_retries_naming_the_url() -> None:
-    with FakeServer([], failures=10, status=503) as server:
+    with StandInEndpoint([], failures=10, status=503) as server:
         backend = OpenAIBackend(server.url, max_retries=2, backoff=0.01)
         with pytest.raises(QProbeError, match=r"chat/completions: unreachable after 3 attempts: HTTP 503"):
             backend.generate([{"role": "user", "content": "hi"}], max_new_tokens=8)
 
 
 def test_client_errors_are_not_retried() -> None:
-    with FakeServer([], failures=5, status=400) as server:
+    with StandInEndpoint([], failures=5, status=400) as server:
         backend = OpenAIBackend(server.url, max_retries=3, backoff=0.01)
         with pytest.raises(QProbeError, match="HTTP 400"):
             backend.generate([{"role": "user", "content": "hi"}], max_new_tokens=8)
@@ -158,7 +95,7 @@ def test_unreachable_endpoint_is_a_clear_error(free_port_url: str) -> None:
 
 
 def test_bare_host_gets_the_v1_prefix() -> None:
-    with FakeServer([]) as server:
+    with StandInEndpoint([]) as server:
         backend = OpenAIBackend(server.url.removesuffix("/v1"), model="m")
     assert backend.base_url == server.url and backend.model == "m"
 
@@ -206,12 +143,12 @@ def test_local_backend_picks_cpu_float32_and_generates(tiny_model_dir: Path) -> 
     ([1, 2], "expected choices[0].message"),
     ({"choices": [{"message": "hi"}]}, "expected choices[0].message"),
     ({"choices": [{"message": {"content": ["x"]}}]}, "choices[0].message.content must be text"),
-    (_completion(ANSWER, usage="lots"), "usage must be an object, got 'lots'"),
-    (_completion(ANSWER, usage={"prompt_tokens": "12"}), "usage.prompt_tokens must be a count, got '12'"),
-    (_completion(ANSWER, usage={"completion_tokens": 10**400}), "usage.completion_tokens must be a count, got a huge"),
+    (completion(ANSWER, usage="lots"), "usage must be an object, got 'lots'"),
+    (completion(ANSWER, usage={"prompt_tokens": "12"}), "usage.prompt_tokens must be a count, got '12'"),
+    (completion(ANSWER, usage={"completion_tokens": 10**400}), "usage.completion_tokens must be a count, got a huge"),
 ])
 def test_a_malformed_answer_is_one_line_naming_the_url(body: object, message: str) -> None:
-    with FakeServer([body]) as server:
+    with StandInEndpoint([body]) as server:
         backend = OpenAIBackend(server.url, backoff=0.01)
         with pytest.raises(QProbeError) as info:
             backend.generate([{"role": "user", "content": "hi"}], max_new_tokens=8)
@@ -220,7 +157,7 @@ def test_a_malformed_answer_is_one_line_naming_the_url(body: object, message: st
 
 
 def test_a_model_listing_that_is_not_an_object_is_one_line() -> None:
-    with FakeServer([], models=[{"id": "m"}]) as server, pytest.raises(QProbeError) as info:
+    with StandInEndpoint([], models=[{"id": "m"}]) as server, pytest.raises(QProbeError) as info:
         OpenAIBackend(server.url)
     assert str(info.value) == f"{server.url}/models: expected an object with a 'data' list, got [{{'id': 'm'}}]"
 
@@ -283,8 +220,10 @@ def test_score_over_a_malformed_endpoint_records_the_bad_photo_and_scores_the_re
                                    '"type": "blur"}]}</answer>')
     huge_score = render_turn("fine", '<answer>{"score": ' + "9" * 400 + ', "defects": []}</answer>')
     out = tmp_path / "out"
-    with FakeServer([huge_box, _completion(ANSWER, usage="lots"), huge_score], models=[{"id": "m"}]) as server:
-        flags = ["--model", server.url, "--out", str(out), "--global-max-pixels", "3136", "--crop-max-pixels", "3136"]
+    with StandInEndpoint([huge_box, completion(ANSWER, usage="lots"), huge_score], models=[{"id": "m"}]) as server:
+        # One photo at a time: the server's answers are replayed in order, photo a's first.
+        flags = ["--model", server.url, "--out", str(out), "--global-max-pixels", "3136", "--crop-max-pixels", "3136",
+                 "--concurrency", "1"]
         assert main(["score", str(folder), *flags]) == 2  # a list from /v1/models: no model to talk to
         listing = capsys.readouterr().err.strip().splitlines()
         rc = main(["score", str(folder), "--served-model", "m", *flags])
@@ -303,7 +242,7 @@ def test_an_agent_scorer_records_an_endpoint_failure_as_its_prediction() -> None
     from qprobe.eval.baselines import AgentScorer
 
     photo = Image.new("RGB", (64, 48))
-    with FakeServer([_completion(ANSWER, usage="lots"), ANSWER]) as server:
+    with StandInEndpoint([completion(ANSWER, usage="lots"), ANSWER]) as server:
         scorer = AgentScorer(OpenAIBackend(server.url), RolloutConfig(global_max_pixels=3136, crop_max_pixels=3136))
         failed, scored = scorer(photo), scorer(photo)
     assert failed.score is None and failed.outcome == "error" and failed.trace is None

@@ -86,7 +86,7 @@ def evaluate(cfg: EvaluateConfig, backend: Backend | None = None) -> Evaluation:
     shutil.rmtree(out / "plots", ignore_errors=True)  # no figure of an earlier run survives into this one
     scorers = make_scorers(cfg, backend)
     traces: list[dict[str, Any]] = []
-    frame, skipped = score_sets(sets, scorers, cfg, traces)
+    frame, skipped = score_sets(sets, scorers, cfg, traces, concurrency=cfg.in_flight(backend))
     if frame.empty:
         raise QProbeError(f"no readable image in {', '.join(str(s.manifest) for s in sets)}")
     nested = all_metrics(frame, sets, cfg)

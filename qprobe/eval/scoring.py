@@ -4,6 +4,8 @@
 ``--limit``); :func:`score_sets` runs each readable image through each scorer
 (:mod:`qprobe.eval.baselines`) and returns the predictions table: one row per image and method,
 with the true defects beside the predicted ones and the agent's cost in ``cost_<key>`` columns.
+Against an endpoint ``--concurrency`` images are scored at once (:mod:`qprobe.agent.inflight`), the
+table in the same order whatever the concurrency.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from qprobe.agent.backends import Backend
+from qprobe.agent.inflight import ordered_map
 from qprobe.data.manifest import image_path, read_manifest
 from qprobe.errors import QProbeError
 from qprobe.eval.baselines import AgentScorer, PiqeScorer, Prediction, Scorer
@@ -112,25 +116,38 @@ def _record(eval_set: EvalSet, row: pd.Series, path: Path, method: str, predicti
     return record
 
 
+def score_image(eval_set: EvalSet, row: pd.Series, scorers: dict[str, Scorer],
+                cfg: EvaluateConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """One image through every scorer: its records and its agents' traces; ``None`` if it cannot be read."""
+    path = image_path(eval_set.manifest, str(row["image"]))
+    try:
+        image = load_image(path, max_pixels=cfg.max_image_pixels)
+    except QProbeError as exc:
+        log.warning("skipped: %s", exc)
+        return None
+    records, traces = [], []
+    for method, scorer in scorers.items():
+        prediction = scorer(image, seed=cfg.seed)
+        records.append(_record(eval_set, row, path, method, prediction))
+        if prediction.trace is not None:
+            traces.append({"set": eval_set.name, "id": str(row["id"]), "method": method, **prediction.trace})
+    return records, traces
+
+
 def score_sets(sets: Sequence[EvalSet], scorers: dict[str, Scorer], cfg: EvaluateConfig,
-               traces: list[dict[str, Any]]) -> tuple[pd.DataFrame, Counter]:
-    """Every image of every set through every scorer; unreadable images are counted and skipped."""
+               traces: list[dict[str, Any]], concurrency: int = 1) -> tuple[pd.DataFrame, Counter]:
+    """Every image of every set through every scorer, ``concurrency`` images at once; unreadable images
+    are counted and skipped."""
     records: list[dict[str, Any]] = []
     skipped: Counter = Counter()
     for eval_set in sets:
-        for _, row in tqdm(eval_set.rows.iterrows(), total=len(eval_set.rows), desc=f"evaluate {eval_set.name}",
-                           unit="img", file=sys.stderr, disable=None):
-            path = image_path(eval_set.manifest, str(row["image"]))
-            try:
-                image = load_image(path, max_pixels=cfg.max_image_pixels)
-            except QProbeError as exc:
-                log.warning("skipped: %s", exc)
+        rows = [row for _, row in eval_set.rows.iterrows()]
+        scored = ordered_map(partial(score_image, eval_set, scorers=scorers, cfg=cfg), rows, concurrency)
+        for result in tqdm(scored, total=len(rows), desc=f"evaluate {eval_set.name}", unit="img",
+                           file=sys.stderr, disable=None):
+            if result is None:
                 skipped[eval_set.name] += 1
                 continue
-            for method, scorer in scorers.items():
-                prediction = scorer(image, seed=cfg.seed)
-                records.append(_record(eval_set, row, path, method, prediction))
-                if prediction.trace is not None:
-                    traces.append({"set": eval_set.name, "id": str(row["id"]), "method": method,
-                                   **prediction.trace})
+            records.extend(result[0])
+            traces.extend(result[1])
     return pd.DataFrame.from_records(records), skipped
