@@ -107,7 +107,7 @@ def _summary_markdown(results: list[StageResult], figures: dict[str, float], run
                       report: Path) -> str:
     """The flow run's artifact: links to the MLflow run and the report, each stage's time, the headline figures."""
     lines = [f"# Q-Probe pipeline run `{run.info.run_id}`", "", f"- MLflow run: {_run_link(run, uri)}",
-             f"- Report: `{report}`" if report.is_file() else "- Report: none (the evaluate stage did not run)",
+             f"- Report: `{report}`" if report.is_file() else "- Report: none yet (the evaluate stage writes it)",
              "", "| stage | ran | seconds |", "|---|---|---|"]
     lines += [f"| {r.stage} | {'yes' if r.ran else 'cached'} | {r.seconds:.1f} |" for r in results]
     shown = {k: v for k, v in figures.items() if not k.startswith("seconds.")}  # the table above has them
