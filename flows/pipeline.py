@@ -2,9 +2,12 @@
 
 Each stage runs as ``dvc repro --single-item STAGE`` (see :mod:`tasks.dvc_stage`), so a flow run and a
 plain ``dvc repro`` share one cache: run the flow twice and the second run does no stage work; after
-it ``dvc status`` is clean. The MLflow parent run carries the profile, the git commit, ``dvc.lock``
-and every stage's metrics, and each stage's own run nests under it (the parent's id reaches the stage
-through ``QPROBE_PARENT_RUN_ID``), so the MLflow UI compares whole pipeline runs side by side.
+it ``dvc status`` is clean. The MLflow parent run carries the profile, the git commit, ``dvc.lock``,
+``params.yaml`` in force as params (:func:`_params_in_force`), the headline figures as metrics
+(:mod:`qprobe.headline`: wall time per stage, correlations, answer rate, ...) and every stage's
+metrics file in one JSON artifact (``metrics.json``); each stage's own run nests under it (the
+parent's id reaches the stage through ``QPROBE_PARENT_RUN_ID``), so MLflow's compare view shows
+what differs between whole pipeline runs.
 
 SIGINT or SIGTERM stops the running stage's process group, ends the parent run and the stage's run
 KILLED, stops Prefect's temporary server and exits 128 + the signal number. After a SIGKILL nothing
@@ -33,24 +36,43 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from qprobe.config import PARAMS_FILE, load_params, repo_root, to_flat_dict
+from qprobe.eval.config import TRAINING_STAGES
+from qprobe.headline import pipeline_figures
 from qprobe.profiles import apply_profile
-from qprobe.tracking import fail_orphaned_runs, stage_run, tracking_uri
+from qprobe.tracking import fail_orphaned_runs, stage_run, tracking_uri, trainer_params
 from tasks.dvc_stage import StageResult, launch_stage, run_stage, stage_order, status_verdict
 
 # The stages that want accelerators; with a cluster target they run there, the rest run here.
 GPU_STAGES = ("stage1", "stage2", "stage3")
+# The evaluate stage's report (its `out` in params.yaml).
+REPORT = Path("outputs/evaluate/report.html")
 
 
-def _metrics_of(root: Path, result: StageResult) -> dict[str, float]:
-    """Numeric metrics from the stage's DVC metrics files, flattened as ``stage.key``."""
-    metrics: dict[str, float] = {}
+def _metrics_of(root: Path, result: StageResult) -> dict[str, Any]:
+    """The stage's DVC metrics files, as written (nested), merged into one mapping."""
+    metrics: dict[str, Any] = {}
     for out in result.lock.get("outs", []):
         path = root / out.get("path", "")
         if path.suffix == ".json" and path.parent.name == "metrics" and path.is_file():
-            for key, value in to_flat_dict(json.loads(path.read_text())).items():
-                if isinstance(value, int | float) and not isinstance(value, bool):
-                    metrics[f"{result.stage}.{key}"] = float(value)
+            metrics.update(json.loads(path.read_text()))
     return metrics
+
+
+def _params_in_force(root: Path) -> dict[str, Any]:
+    """``params.yaml`` flattened as ``section.key``, the training sections as their runs log them.
+
+    A training section holds Q-Probe's fields and only those of trl's that differ from trl's
+    defaults (:func:`qprobe.tracking.trainer_params`): two runs differ in MLflow where their
+    experiments differ, not in trl's ~200 defaults.
+    """
+    flat: dict[str, Any] = {}
+    for section, values in load_params(root / PARAMS_FILE).items():
+        if section in TRAINING_STAGES:
+            from qprobe.train.common import stage_config  # trl: loaded only here
+
+            values = trainer_params(stage_config(section), values or {})
+        flat.update(to_flat_dict(values or {}, prefix=f"{section}."))
+    return flat
 
 
 def _tag_stage_runs(parent_id: str, results: list[StageResult]) -> None:
@@ -73,12 +95,25 @@ def _tag_stage_runs(parent_id: str, results: list[StageResult]) -> None:
                         client.set_tag(run.info.run_id, f"dvc.{kind}.{entry['path']}", digest)
 
 
-def _summary_markdown(results: list[StageResult], metrics: dict[str, float], parent_id: str) -> str:
-    lines = [f"# Q-Probe pipeline run `{parent_id}`", "", "| stage | ran | seconds |", "|---|---|---|"]
+def _run_link(run: Any, uri: str) -> str:
+    """Where the MLflow UI shows ``run``: on the tracking server, or on ``mlflow ui`` over a local store."""
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"[{run.info.run_id}]({uri.rstrip('/')}/{page})"
+    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
+
+
+def _summary_markdown(results: list[StageResult], figures: dict[str, float], run: Any, uri: str,
+                      report: Path) -> str:
+    """The flow run's artifact: links to the MLflow run and the report, each stage's time, the headline figures."""
+    lines = [f"# Q-Probe pipeline run `{run.info.run_id}`", "", f"- MLflow run: {_run_link(run, uri)}",
+             f"- Report: `{report}`" if report.is_file() else "- Report: none yet (the evaluate stage writes it)",
+             "", "| stage | ran | seconds |", "|---|---|---|"]
     lines += [f"| {r.stage} | {'yes' if r.ran else 'cached'} | {r.seconds:.1f} |" for r in results]
-    if metrics:
-        lines += ["", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+    shown = {k: v for k, v in figures.items() if not k.startswith("seconds.")}  # the table above has them
+    if shown:
+        lines += ["", "| headline | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in shown.items()]
     return "\n".join(lines)
 
 
@@ -111,7 +146,7 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
     fail_orphaned_runs(root_path)
     results: list[StageResult] = []
     with stage_run("pipeline", {"stages": ",".join(selected), "profile": profile or "params.yaml",
-                                "force": force},
+                                "force": force, **_params_in_force(root_path)},
                    tags={"prefect.flow_run_id": str(flow_run.get_id() or "")}, root=root_path) as parent:
         parent_id = parent.info.run_id
         remote = set(cluster_stages or GPU_STAGES) if target != "local" else set()
@@ -120,16 +155,17 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
                 results.append(launch_stage(stage, target, str(root_path), parent_id, launch_options))
             else:
                 results.append(run_stage(stage, str(root_path), parent_id, stage_env, force=force))
-        metrics: dict[str, float] = {}
-        for result in results:
-            metrics.update(_metrics_of(root_path, result))
-        mlflow.log_metrics(metrics)
+        stage_metrics = {r.stage: _metrics_of(root_path, r) for r in results}
+        figures = pipeline_figures(stage_metrics, {r.stage: r.seconds for r in results})
+        mlflow.log_metrics(figures)
+        mlflow.log_dict(stage_metrics, "metrics.json")  # the full detail behind the headline
         mlflow.set_tags({f"stage.{r.stage}": "ran" if r.ran else "cached" for r in results})
         if (root_path / "dvc.lock").is_file():
             mlflow.log_artifact(str(root_path / "dvc.lock"))
         _tag_stage_runs(parent_id, results)
-    create_markdown_artifact(_summary_markdown(results, metrics, parent_id), key="qprobe-pipeline-summary")
-    return {"run_id": parent_id, "stages": {r.stage: r.ran for r in results}, "metrics": metrics}
+    summary = _summary_markdown(results, figures, parent, stage_env["MLFLOW_TRACKING_URI"], root_path / REPORT)
+    create_markdown_artifact(summary, key="qprobe-pipeline-summary")
+    return {"run_id": parent_id, "stages": {r.stage: r.ran for r in results}, "metrics": figures}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -178,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           ", ".join(f"{s} {'ran' if ran else 'cached'}" for s, ran in result["stages"].items()))
     print(f"  outputs:  {root / 'data'}  {root / 'models'}  (DVC-tracked; `dvc status`: {status_verdict(root)})")
     print(f"  metrics:  {root / 'metrics'}  (`dvc metrics show`, `dvc plots show`)")
-    report = root / "outputs" / "evaluate" / "report.html"
+    report = root / REPORT
     if report.is_file():
         print(f"  report:   {report}")
     uri = tracking_uri()

@@ -52,7 +52,7 @@ class RetrainConfig:
         "help": "DVC-tracked photo folder the bench reads (bench.source is set to it)"})
     model: str = field(default="models/stage3", metadata={"help": "the pipeline's final model folder"})
     metric: str = field(default="bench.qprobe.srcc", metadata={
-        "help": "key of the evaluate metrics that decides (higher is better)"})
+        "help": "key of the evaluate metrics that decides (any of metrics_full.json; higher is better)"})
     margin: float = field(default=0.01, metadata={"help": "how much the challenger must win by"})
     stages: list[str] | None = field(default=None, metadata={"help": "pipeline stages (null: all)"})
     evaluate_args: list[str] = field(default_factory=list, metadata={

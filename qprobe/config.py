@@ -418,12 +418,12 @@ def metrics_beside(out: str | Path) -> str:
 
 
 def to_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Flatten a dataclass into ``{"a.b": value}`` for MLflow params."""
+    """Flatten a dataclass or a mapping (dataclasses inside it too) into ``{"a.b": value}`` for MLflow params."""
     out: dict[str, Any] = {}
     items = dataclasses.asdict(obj).items() if dataclasses.is_dataclass(obj) else obj.items()
     for key, value in items:
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) or (dataclasses.is_dataclass(value) and not isinstance(value, type)):
             out.update(to_flat_dict(value, prefix=name + "."))
         else:
             out[name] = value

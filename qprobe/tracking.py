@@ -5,7 +5,8 @@ repository root (MLflow 3 refuses a bare ``./mlruns`` file store), which
 ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` opens. When the Prefect pipeline runs a stage it
 puts its parent run id in ``QPROBE_PARENT_RUN_ID`` and the stage's run nests under it.
 
-Each stage run records: its params, the git commit, the stage name, its datasets as MLflow inputs
+Each stage run records: its params (its section of ``params.yaml`` in force; for a training stage,
+trl's fields only where they differ from trl's defaults, :func:`trainer_params`), the git commit, the stage name, its datasets as MLflow inputs
 whose digest is the content hash of the file or folder (the same md5 DVC tracks for a file), metrics
 and small artifacts.
 
@@ -18,6 +19,7 @@ KILLED, with the nested runs whose processes died with it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -177,6 +179,29 @@ def fail_orphaned_runs(root: str | Path | None = None) -> list[str]:
                     len(orphans), ", ".join(f"{run.info.run_name} {run.info.run_id} (pid {run.data.tags[PID_TAG]})"
                                             for run in orphans))
     return [run.info.run_id for run in orphans]
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def trainer_params(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """A training section's params as a run logs them: trl's fields only where they differ from trl's defaults.
+
+    ``cls`` is the stage's config (a dataclass extending a trl config), ``values`` what the stage is
+    given (its ``params.yaml`` section, or every field's value before trl's ``__post_init__`` derives
+    its own); a field ``values`` leaves out takes ``cls``'s default, which may differ from trl's. The
+    fields of Q-Probe's own are kept whatever their value; so MLflow's compare view shows what an
+    experiment changed, not trl's ~200 defaults. A field filled from another section (the
+    protocol's limits) is kept only when given: the pipeline logs that section as its own.
+    """
+    trl = next(c for c in cls.__mro__ if c.__module__.split(".")[0] == "trl")
+    trl_defaults = {f.name: _default(f) for f in dataclasses.fields(trl) if f.init}
+    in_force = {f.name: _default(f) for f in dataclasses.fields(cls) if f.init and "section" not in f.metadata}
+    in_force.update(values)
+    return {k: v for k, v in in_force.items() if k not in trl_defaults or v != trl_defaults[k]}
 
 
 def _param_value(value: Any) -> str:

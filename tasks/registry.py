@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from qprobe import tracking
+from qprobe.eval.outputs import FULL_METRICS
 from tasks.dvc_stage import StageError, stage_env
 
 
@@ -39,16 +40,20 @@ def decide(challenger: float | None, champion: float | None, margin: float) -> D
 @task(name="evaluate-model", task_run_name="evaluate {label}")
 def evaluate_model(model: str, label: str, root: str, extra_args: list[str] | None = None,
                    parent_run_id: str | None = None) -> dict[str, float]:
-    """Run ``qprobe evaluate`` on ``model`` with the evaluate params (the fixed sets); returns its metrics."""
+    """Run ``qprobe evaluate`` on ``model`` with the evaluate params (the fixed sets); returns every metric, flat.
+
+    Every metric (the output folder's ``metrics_full.json``), not the summary of the metrics file, so
+    that the deciding metric may be any of them.
+    """
     out = Path(root) / "outputs" / f"evaluate-{label}"
-    metrics = out / "metrics.json"
+    # Its metrics file goes beside the output folder (a given --out takes it along), not into metrics/.
     cmd = [str(Path(sys.executable).parent / "qprobe"), "evaluate", "--model", model, "--out", str(out),
-           "--metrics", str(metrics), *(extra_args or [])]
+           *(extra_args or [])]
     proc = subprocess.run(cmd, cwd=root, env=stage_env(parent_run_id), capture_output=True, text=True)
     if proc.returncode != 0:
         raise StageError(f"evaluating {label} ({model}) failed: {(proc.stdout + proc.stderr).strip()[-800:]}")
-    get_run_logger().info("evaluated %s: %s", label, metrics)
-    return json.loads(metrics.read_text())
+    get_run_logger().info("evaluated %s: %s", label, out / FULL_METRICS)
+    return json.loads((out / FULL_METRICS).read_text())
 
 
 @task(name="register-model")

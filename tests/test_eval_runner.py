@@ -14,10 +14,11 @@ import pytest
 from fixtures_eval import ScriptedBackend, make_bench
 
 from qprobe.agent.protocol_config import ProtocolLimits, write_limits
-from qprobe.config import ConfigError
+from qprobe.config import ConfigError, to_flat_dict
 from qprobe.errors import QProbeError
 from qprobe.eval.config import EvaluateConfig
 from qprobe.eval.curves import training_curves
+from qprobe.eval.outputs import SUMMARY
 from qprobe.eval.runner import evaluate, main, parse_args
 from qprobe.eval.scoring import load_sets
 
@@ -79,8 +80,8 @@ def test_random_tiny_model_end_to_end(bench: Path, tiny_model_dir: Path, tmp_pat
                  "--crop-bias-crops", "1", "--baselines", "[piqe, piqe_patch]", *extra]) == 0
     assert "evaluate bench: SRCC n/a, answer rate 0.000" in capsys.readouterr().out
 
-    metrics = json.loads((out / "evaluate.json").read_text())
-    assert all(isinstance(v, float | type(None)) for v in metrics.values())  # flat: dvc metrics diff
+    metrics = json.loads((out / "metrics_full.json").read_text())
+    assert all(isinstance(v, float | type(None)) for v in metrics.values())  # every metric, flat
     assert metrics["bench.images"] == 8 and metrics["bench.skipped"] == 0
     assert not any(".no_tool." in k for k in metrics)
     for method in ("qprobe",):
@@ -97,6 +98,13 @@ def test_random_tiny_model_end_to_end(bench: Path, tiny_model_dir: Path, tmp_pat
     assert metrics["probes.crop_bias.qprobe.answered_pairs"] == 0
     assert metrics["probes.repeat.qprobe.runs"] == 2
     assert ("probes.bokeh.piqe.photos" in metrics) == bool(photos)
+    # The DVC metrics file: the summary, nested, its values those of the full file.
+    summary = json.loads((out / "evaluate.json").read_text())
+    assert set(summary) == {"seconds", "bench"} and set(summary["bench"]) == {"images", "skipped", "qprobe", "piqe",
+                                                                              "piqe_patch"}
+    assert set(summary["bench"]["qprobe"]) == set(SUMMARY) and summary["bench"]["qprobe"]["srcc"] is None
+    assert all(metrics[f"bench.{k}"] == v for k, v in to_flat_dict(summary["bench"]).items())
+    assert len(to_flat_dict(summary)) < 40 < len(metrics)
 
     predictions = pd.read_csv(out / "predictions.csv")
     assert len(predictions) == 8 * 3 and set(predictions["method"]) == {"qprobe", "piqe", "piqe_patch"}
@@ -113,12 +121,15 @@ def test_random_tiny_model_end_to_end(bench: Path, tiny_model_dir: Path, tmp_pat
     assert "unanswered" in report and "No curve file of the training stages" in report
 
     (run,) = _stage_runs()
-    assert run.data.metrics["bench.piqe.answer_rate"] == 1
+    # The run logs the headline only: the defined figures, Q-Probe's undefined SRCC left out.
+    assert set(run.data.metrics) == {"seconds", "bench.qprobe.answer_rate", "bench.qprobe.cost.visual_ratio_total",
+                                     *(f"bench.{m}.{k}" for m in ("piqe", "piqe_patch") for k in ("srcc", "plcc", "krcc"))}
+    assert run.data.metrics["bench.piqe.srcc"] == metrics["bench.piqe.srcc"]
     assert run.data.params["model"] == str(tiny_model_dir)
     from mlflow.tracking import MlflowClient
 
     artifacts = {a.path for a in MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).list_artifacts(run.info.run_id)}
-    assert {"report.html", "evaluate.json", "predictions.csv", "plots"} <= artifacts
+    assert {"report.html", "evaluate.json", "metrics_full.json", "predictions.csv", "plots"} <= artifacts
 
 
 def _write_curves(folder: Path) -> list[str]:

@@ -13,6 +13,7 @@ import yaml
 from repo_copy import copy_repo
 
 from flows.pipeline import pipeline
+from qprobe.headline import CAP
 from tasks.dvc_stage import dvc, lock_entry, stage_order
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def test_flow_runs_stages_then_is_a_no_op(repo_copy: Path, tracking: str, prefec
     # One parent run, the stage's run nested under it with its DVC hashes as tags.
     parent = mlflow.get_run(first["run_id"])
     assert parent.data.tags["stage.bench"] == "ran"
-    assert any(m.startswith("bench.") for m in parent.data.metrics)
+    assert parent.data.metrics["seconds.bench"] > 0
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}'",
                                   search_all_experiments=True, output_format="list")
     assert [c.data.tags["qprobe.stage"] for c in children] == ["bench"]
@@ -77,6 +78,26 @@ def test_flow_runs_stages_then_is_a_no_op(repo_copy: Path, tracking: str, prefec
     plain = dvc(["repro", "bench"], repo_copy)
     assert plain.returncode == 0
     assert "Running stage" not in plain.stdout
+
+
+def test_pipeline_run_logs_the_params_in_force_and_a_capped_headline(repo_copy: Path, tracking: str,
+                                                                      prefect_harness: None) -> None:
+    result = pipeline(stages=["bench"], root=str(repo_copy))
+    run = mlflow.get_run(result["run_id"])
+    params = run.data.params
+    # params.yaml in force, every section flattened, whichever stages ran.
+    for section in ("bench", "trajectories", "stage3"):
+        assert any(k.startswith(f"{section}.") for k in params), section
+    assert params["bench.num_images"] == "6" and params["trajectories.planner.strategy"] == "context_aware"
+    # A training section: Q-Probe's fields, and trl's only where they differ from trl's defaults.
+    assert params["stage3.reward_mode"] == "decoupled" and params["stage3.beta"] == "0.04"
+    assert "stage3.adam_beta1" not in params and "stage3.report_to" not in params
+    assert len(params) < 250
+    # The headline, under the cap; the stages' metrics files in full as one artifact.
+    assert set(run.data.metrics) == set(result["metrics"]) == {"seconds.bench"}
+    assert len(run.data.metrics) <= CAP
+    detail = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/metrics.json")
+    assert detail["bench"]["images"] == 6
 
 
 def test_dvc_repro_of_the_trajectories_stage(repo_copy: Path, tracking: str) -> None:

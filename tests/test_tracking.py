@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from qprobe.tracking import PARENT_ENV, PID_TAG, fail_orphaned_runs, stage_run
+from qprobe.tracking import PARENT_ENV, PID_TAG, fail_orphaned_runs, stage_run, trainer_params
 
 REPO = Path(__file__).resolve().parents[1]
 # Opens a stage run (nested under $QPROBE_PARENT_RUN_ID when set), prints its id, then waits to be killed.
@@ -100,3 +100,42 @@ def test_orphaned_runs_are_marked_failed_and_only_they(root: Path, holders: list
     [line] = [r.getMessage() for r in caplog.records if r.name == "qprobe.tracking"]
     assert "1 MLflow run(s) FAILED" in line and dead_id in line and f"pid {dead.pid}" in line
     assert fail_orphaned_runs(root) == []  # already swept: nothing to say
+
+
+def test_trainer_params_keep_qprobe_fields_and_only_the_trl_fields_that_differ() -> None:
+    from trl import GRPOConfig
+
+    from qprobe.train.stage1 import Stage1Config
+
+    given = {"learning_rate": 2e-5, "adam_beta1": 0.9, "lora_r": 16}  # adam_beta1 and lora_r: the defaults
+    params = trainer_params(Stage1Config, given)
+    assert GRPOConfig.__dataclass_fields__["adam_beta1"].default == 0.9
+    assert params["learning_rate"] == 2e-5 and "adam_beta1" not in params
+    # A field the section leaves out takes the stage's default, which differs from trl's: kept.
+    assert params["per_device_train_batch_size"] == 16 != GRPOConfig.__dataclass_fields__[
+        "per_device_train_batch_size"].default
+    # Q-Probe's own fields stay at any value; the protocol's limits are their own section's.
+    assert params["lora_r"] == 16 and params["rewards"] == {"thurstone": 1.0, "format": 1.0}
+    assert "protocol" not in params
+    assert len(params) < 40 < len(GRPOConfig.__dataclass_fields__)
+
+
+def test_a_stage_run_logs_what_it_was_given_not_what_trl_derived() -> None:
+    from qprobe.config import parse_config
+    from qprobe.train.stage1 import Stage1Config
+
+    cfg = parse_config(Stage1Config, None, ["--learning-rate", "3e-5", "--max-crops", "2", "--use-cpu", "--no-bf16"])
+    params = cfg.run_params()
+    assert params["learning_rate"] == 3e-5 and params["protocol.max_crops"] == 2 and params["use_cpu"] is True
+    # trl's __post_init__ rewrote report_to from its default ("none" became []): no change of the stage's.
+    assert cfg.report_to == [] and "report_to" not in params
+
+
+def test_more_than_a_batch_of_params_is_logged_in_full(root: Path) -> None:
+    params = {f"section.key_{i:03d}": i for i in range(250)}  # MLflow takes at most 100 per request
+    params["section.long"] = "x" * 7000  # and values of at most 6000 characters
+    with stage_run("wide", params, root=root) as run:
+        pass
+    logged = mlflow.get_run(run.info.run_id).data.params
+    assert len(logged) == 251 and logged["section.key_249"] == "249"
+    assert len(logged["section.long"]) == 6000 and logged["section.long"].endswith("...")

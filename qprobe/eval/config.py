@@ -33,7 +33,8 @@ class EvaluateConfig(EndpointArgs):
     limit: int | None = field(default=None, metadata={
         "help": "at most this many images per set (a seeded sample); null: all"})
     out: str = field(default="outputs/evaluate", metadata={"help": "output folder (report, predictions, plots)"})
-    metrics: str = field(default="metrics/evaluate.json", metadata={"help": "DVC metrics file (flat JSON)"})
+    metrics: str = field(default="metrics/evaluate.json", metadata={
+        "help": "DVC metrics file: the nested summary (every metric: metrics_full.json in --out)"})
     protocol: ProtocolLimits = field(default_factory=ProtocolLimits, metadata=PROTOCOL_FIELD)
     max_new_tokens: int = field(default=1024, metadata={
         "help": "tokens the model may generate per image, all turns"})

@@ -1,8 +1,11 @@
 """What ``qprobe evaluate`` writes besides the report: the metrics file, tables, plot data, traces.
 
-* the metrics file (``metrics/evaluate.json``, :func:`flat_metrics`): one flat JSON object,
-  ``{"<set>.<method>.<metric>": value}`` and ``{"probes.<probe>.<method>.<metric>": value}``,
-  undefined values as ``null``, so ``dvc metrics diff`` compares two runs key by key;
+* every metric (``metrics_full.json`` in the output folder, :func:`flat_metrics`): one flat JSON
+  object, ``{"<set>.<method>.<metric>": value}`` and ``{"probes.<probe>.<method>.<metric>": value}``,
+  undefined values as ``null``;
+* the DVC metrics file (``metrics/evaluate.json``, :func:`summary_metrics`): its summary, nested
+  ``{set: {method: {metric: value}}}``, small enough for ``dvc metrics show`` and ``dvc exp show``
+  to stay readable, and the same key by key across runs, so ``dvc metrics diff`` compares them;
 * ``predictions.csv`` and the DVC plot data under ``plots/`` (:func:`write_tables`);
 * ``traces.jsonl``, every agent turn (:func:`write_traces`), and ``probes.json``, each probe's
   summary and per-image rows (:func:`write_probes`).
@@ -13,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,10 +25,15 @@ import pandas as pd
 
 from qprobe.config import to_flat_dict
 from qprobe.eval.probes import ProbeResult
+from qprobe.headline import EVALUATE_FIGURES
 from qprobe.io import write_json_atomic, write_text_atomic
 
+FULL_METRICS = "metrics_full.json"
 # Every name `qprobe evaluate` writes in its output folder (the report included).
-OUTPUT_NAMES = ("report.html", "predictions.csv", "plots", "traces.jsonl", "probes.json")
+OUTPUT_NAMES = ("report.html", "predictions.csv", "plots", "traces.jsonl", "probes.json", FULL_METRICS)
+# What the DVC metrics file keeps of each method on each set: the headline and SRCC's interval, the
+# image count and the boxes' mean IoU.
+SUMMARY = (*EVALUATE_FIGURES, "n", "srcc_low", "srcc_high", "loc.mean_iou")
 
 
 def flat_metrics(nested: dict[str, dict[str, dict]], probe_results: dict[str, dict[str, ProbeResult]],
@@ -36,6 +44,22 @@ def flat_metrics(nested: dict[str, dict[str, dict]], probe_results: dict[str, di
     flat = {**to_flat_dict(nested), **to_flat_dict(summaries, prefix="probes."), **extra}
     return {k: (None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v))
             for k, v in sorted(flat.items())}
+
+
+def summary_metrics(flat: Mapping[str, float | None], sets: Sequence[str]) -> dict[str, Any]:
+    """The DVC metrics file from :func:`flat_metrics`' output: the run's seconds and, per set in ``sets``,
+    its image counts and each method's :data:`SUMMARY` figures, nested ``{set: {method: {metric: value}}}``."""
+    summary: dict[str, Any] = {"seconds": flat.get("seconds")}
+    for key, value in flat.items():
+        set_name, _, rest = key.partition(".")
+        if set_name not in sets:
+            continue
+        method, _, metric = rest.partition(".")
+        if rest in ("images", "skipped"):
+            summary.setdefault(set_name, {})[rest] = value
+        elif metric in SUMMARY:
+            summary.setdefault(set_name, {}).setdefault(method, {})[metric] = value
+    return summary
 
 
 def _json_list(values: Any) -> str:

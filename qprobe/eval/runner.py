@@ -25,9 +25,11 @@ Outputs (``--out DIR``, :mod:`qprobe.eval.outputs`): ``predictions.csv`` (one ro
 method), ``traces.jsonl`` (every agent turn), ``probes.json``, ``plots/`` (DVC plot data: predicted
 score against MOS and the per-type and per-severity statistics per set, and the training curves;
 and the report's figures as PNG, :mod:`qprobe.eval.figures`) and ``report.html``, a self-contained report
-(:mod:`qprobe.eval.report`). The metrics file (``metrics/evaluate.json``) is one flat JSON object,
-``{"<set>.<method>.<metric>": value}``, undefined values as ``null``, so ``dvc metrics diff`` compares
-two runs key by key. Everything is logged to the stage's MLflow run.
+(:mod:`qprobe.eval.report`), and ``metrics_full.json``, every metric as one flat JSON object,
+``{"<set>.<method>.<metric>": value}``, undefined values as ``null``. The metrics file
+(``metrics/evaluate.json``) is its summary, nested (:func:`qprobe.eval.outputs.summary_metrics`), so
+``dvc metrics show`` stays readable. The stage's MLflow run logs the headline figures
+(:mod:`qprobe.headline`) as metrics, and the files as artifacts.
 
 A model that answers out of protocol (the tiny random model does, nearly always) is evaluated all
 the same: its images count as unanswered, by failure kind, and its correlations are undefined.
@@ -52,7 +54,15 @@ from qprobe.errors import QProbeError
 from qprobe.eval.config import MODEL, EvaluateConfig
 from qprobe.eval.curves import stage_of, training_curves
 from qprobe.eval.figures import write_figures
-from qprobe.eval.outputs import OUTPUT_NAMES, flat_metrics, write_probes, write_tables, write_traces
+from qprobe.eval.outputs import (
+    FULL_METRICS,
+    OUTPUT_NAMES,
+    flat_metrics,
+    summary_metrics,
+    write_probes,
+    write_tables,
+    write_traces,
+)
 from qprobe.eval.probes import ProbeResult, run_probes
 from qprobe.eval.report import ReportData, write_report
 from qprobe.eval.scoring import load_sets, make_scorers, score_sets
@@ -64,7 +74,8 @@ from qprobe.io import check_out_vs_in, check_owned, mark_owned, write_json_atomi
 class Evaluation:
     """What :func:`evaluate` produced."""
 
-    metrics: dict[str, float | None]
+    metrics: dict[str, float | None]  # every metric, flat (``metrics_full.json``)
+    summary: dict[str, Any]  # the DVC metrics file's nested summary
     predictions: pd.DataFrame
     probes: dict[str, dict[str, ProbeResult]]
     report: Path
@@ -108,8 +119,10 @@ def evaluate(cfg: EvaluateConfig, backend: Backend | None = None) -> Evaluation:
     )
     figures = write_figures(data, out / "plots")
     report = write_report(data, figures, out / "report.html")
-    write_json_atomic(cfg.metrics, flat)
-    return Evaluation(metrics=flat, predictions=frame, probes=probe_results, report=report, seconds=seconds)
+    write_json_atomic(out / FULL_METRICS, flat)
+    summary = summary_metrics(flat, [s.name for s in sets])
+    write_json_atomic(cfg.metrics, summary)
+    return Evaluation(metrics=flat, summary=summary, predictions=frame, probes=probe_results, report=report, seconds=seconds)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> EvaluateConfig:
@@ -124,8 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with the model, the model without its crop tool and PIQE (globally and patch-wise); compute each
     method's correlations with MOS and their bootstrap intervals, per-type and per-severity
     statistics, box localisation and cost; run the cropping-bias, bokeh and repeatability probes;
-    read the training stages' curve files; write the tables, plot data, report and
-    the flat metrics file.
+    read the training stages' curve files; write the tables, plot data, report, every metric
+    (``OUT/metrics_full.json``) and their summary (the metrics file).
 
     With no options it runs the ``evaluate:`` section of ``params.yaml`` (what ``dvc repro evaluate`` runs)::
 
@@ -135,8 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         qprobe evaluate --model models/stage3 --data my_photos/manifest.parquet --split all --baselines piqe no_tool
 
     Writes ``OUT/report.html``, ``OUT/predictions.csv``, ``OUT/traces.jsonl``, ``OUT/probes.json``,
-    ``OUT/plots/`` and the metrics file (``metrics/evaluate.json``).
+    ``OUT/metrics_full.json``, ``OUT/plots/`` and the metrics file (``metrics/evaluate.json``).
     """
+    from qprobe.headline import capped, evaluate_figures
     from qprobe.tracking import log_artifact, log_dataset, log_metrics, stage_run
 
     cfg = parse_args(argv)
@@ -146,10 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for spec in cfg.data:
             log_dataset(spec, name=f"eval:{spec}", context="input")
         result = evaluate(cfg)
-        # A user's manifest may name defect types with characters MLflow refuses in metric names.
-        log_metrics({re.sub(r"[^\w\-. :/]", "_", k): v for k, v in result.metrics.items() if v is not None})
+        # A user's manifest may name sets with characters MLflow refuses in metric names.
+        figures = capped({"seconds": round(result.seconds, 2), **evaluate_figures(result.summary)})
+        log_metrics({re.sub(r"[^\w\-. :/]", "_", k): v for k, v in figures.items()})
         out = Path(cfg.out)
-        for path in (result.report, Path(cfg.metrics), out / "predictions.csv", out / "probes.json"):
+        for path in (result.report, Path(cfg.metrics), out / FULL_METRICS, out / "predictions.csv",
+                     out / "probes.json"):
             log_artifact(path)
         for path in sorted((out / "plots").glob("*")):
             log_artifact(path, artifact_path="plots")

@@ -19,7 +19,8 @@ does the rest the same way for every stage:
 * **Checkpoints.** Every ``save_steps`` steps into ``output_dir/<fingerprint>``; ``resume: auto``
   continues a killed run exactly, and a finished run leaves none (:mod:`qprobe.train.checkpoints`).
 * **MLflow.** One run per stage (:func:`qprobe.tracking.stage_run`, nested under the pipeline's run),
-  opened by the main process only: params, input datasets with their content hashes, trl's step
+  opened by the main process only: params (Q-Probe's fields, and trl's where they differ from trl's
+  defaults: :meth:`StageArgs.run_params`), input datasets with their content hashes, trl's step
   metrics (:class:`MlflowLogCallback`; trl's own ``report_to: mlflow`` would open a second run), the
   final metrics, and the final model as a reference to the DVC output: its path and content hash as
   tags, never a copy.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import logging
 import re
 import shutil
@@ -47,6 +49,7 @@ from transformers import TrainerCallback
 from qprobe import tracking
 from qprobe.agent.crop import MIN_PIXELS, MODEL_MAX_PIXELS
 from qprobe.agent.protocol_config import PROTOCOL_FIELD, ProtocolLimits, check_limits, write_limits
+from qprobe.config import to_flat_dict
 from qprobe.errors import QProbeError
 from qprobe.io import content_hash, write_json_atomic
 from qprobe.models.factory import check_checkpoint, load_processor
@@ -112,6 +115,9 @@ class StageArgs:
         if not self.curves:
             metrics = Path(self.metrics)
             self.curves = str(metrics.with_name(f"{metrics.stem}_curves.csv"))
+        # What the stage was given, before trl's __post_init__ derives fields of its own from it
+        # (bf16, report_to, ...): compared with trl's defaults, it is what a run changed (run_params).
+        self._given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         super().__post_init__()  # the trl config next in the MRO: StageArgs is a mixin placed before it
         if "mlflow" in self.report_to:  # normalised to a list by now ("all" included)
             raise ValueError("report_to: mlflow would open a second MLflow run; the stage logs to its own run")
@@ -124,6 +130,11 @@ class StageArgs:
     def view_max_pixels(self) -> int:
         """The pixel budget of the global views in this stage's set (larger ones are an error)."""
         return self.protocol.global_max_pixels
+
+    def run_params(self) -> dict[str, Any]:
+        """The stage run's MLflow params, flat: Q-Probe's fields and the protocol's limits, and trl's fields
+        where they differ from trl's defaults (:func:`qprobe.tracking.trainer_params`)."""
+        return to_flat_dict(tracking.trainer_params(type(self), self._given))
 
     def to_dict(self) -> dict[str, Any]:
         """trl's dict of the config, the protocol's limits as a plain mapping (JSON, MLflow, the fingerprint)."""
@@ -141,6 +152,13 @@ GRPO_METADATA: dict[str, dict[str, str]] = {
     **{name: {"group": "model"} for name in ("use_vllm", "vllm_mode", "vllm_server_host", "vllm_server_port",
                                              "vllm_server_timeout")},
 }
+
+
+def stage_config(stage: str) -> type[StageArgs]:
+    """The config class of training stage ``stage``: the :class:`StageArgs` subclass ``qprobe.train.<stage>`` declares."""
+    module = importlib.import_module(f"qprobe.train.{stage}")
+    return next(value for value in vars(module).values() if isinstance(value, type) and issubclass(value, StageArgs)
+                and value.__module__ == module.__name__)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,7 +398,7 @@ def run_stage(stage: str, cfg: StageArgs, make_trainer: Callable[[Path, Any], An
     inputs = {"model": str(model_path), "dataset": cfg.dataset, **(extra_inputs or {}), **(eval_inputs or {})}
     digests = {name: content_hash(path) for name, path in inputs.items()}
     checkpoint = use_run_dir(cfg, {k: v for k, v in digests.items() if k not in (eval_inputs or {})})
-    with tracking.stage_run(stage, cfg.to_sanitized_dict()) if cfg.is_main else contextlib.nullcontext():
+    with tracking.stage_run(stage, cfg.run_params()) if cfg.is_main else contextlib.nullcontext():
         if cfg.is_main:
             record_run(cfg, digests)
             for name, path in inputs.items():
