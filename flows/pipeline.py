@@ -73,6 +73,16 @@ def _tag_stage_runs(parent_id: str, results: list[StageResult]) -> None:
                         client.set_tag(run.info.run_id, f"dvc.{kind}.{entry['path']}", digest)
 
 
+def mlflow_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """How to open a run in the MLflow UI: its URL on a tracking server; for a local store, the command that
+    serves it, then the URL."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return (f"`{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri}`, "
+            f"then open http://127.0.0.1:5000/{page}")
+
+
 def _summary_markdown(results: list[StageResult], metrics: dict[str, float], parent_id: str) -> str:
     lines = [f"# Q-Probe pipeline run `{parent_id}`", "", "| stage | ran | seconds |", "|---|---|---|"]
     lines += [f"| {r.stage} | {'yes' if r.ran else 'cached'} | {r.seconds:.1f} |" for r in results]
@@ -114,12 +124,19 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
                                 "force": force},
                    tags={"prefect.flow_run_id": str(flow_run.get_id() or "")}, root=root_path) as parent:
         parent_id = parent.info.run_id
+        link = mlflow_link(tracking_uri(root_path), parent.info.experiment_id, parent_id)
+        logger.info("MLflow run %s: %s", parent_id, link)
         remote = set(cluster_stages or GPU_STAGES) if target != "local" else set()
-        for stage in selected:
+        for i, stage in enumerate(selected, 1):
+            where = f"on {target}" if stage in remote else "here"
+            logger.info("stage %s (%d/%d): started %s", stage, i, len(selected), where)
             if stage in remote:
-                results.append(launch_stage(stage, target, str(root_path), parent_id, launch_options))
+                result = launch_stage(stage, target, str(root_path), parent_id, launch_options)
             else:
-                results.append(run_stage(stage, str(root_path), parent_id, stage_env, force=force))
+                result = run_stage(stage, str(root_path), parent_id, stage_env, force=force)
+            logger.info("stage %s (%d/%d): %s, %.1f s", stage, i, len(selected), "ran" if result.ran else "cached",
+                        result.seconds)
+            results.append(result)
         metrics: dict[str, float] = {}
         for result in results:
             metrics.update(_metrics_of(root_path, result))
@@ -129,7 +146,7 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
             mlflow.log_artifact(str(root_path / "dvc.lock"))
         _tag_stage_runs(parent_id, results)
     create_markdown_artifact(_summary_markdown(results, metrics, parent_id), key="qprobe-pipeline-summary")
-    return {"run_id": parent_id, "stages": {r.stage: r.ran for r in results}, "metrics": metrics}
+    return {"run_id": parent_id, "mlflow": link, "stages": {r.stage: r.ran for r in results}, "metrics": metrics}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -181,8 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = root / "outputs" / "evaluate" / "report.html"
     if report.is_file():
         print(f"  report:   {report}")
-    uri = tracking_uri()
-    print(f"  MLflow:   .venv/bin/mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000")
+    print(f"  MLflow:   {result['mlflow']}")
     return 0
 
 
