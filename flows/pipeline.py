@@ -95,18 +95,21 @@ def _tag_stage_runs(parent_id: str, results: list[StageResult]) -> None:
                         client.set_tag(run.info.run_id, f"dvc.{kind}.{entry['path']}", digest)
 
 
-def _run_link(run: Any, uri: str) -> str:
-    """Where the MLflow UI shows ``run``: on the tracking server, or on ``mlflow ui`` over a local store."""
-    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+def mlflow_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """How to open a run in the MLflow UI: its URL on a tracking server; for a local store, the command that
+    serves it, then the URL."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
     if uri.startswith(("http://", "https://")):
-        return f"[{run.info.run_id}]({uri.rstrip('/')}/{page})"
-    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
+        return f"{uri.rstrip('/')}/{page}"
+    return (f"`{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri}`, "
+            f"then open http://127.0.0.1:5000/{page}")
 
 
 def _summary_markdown(results: list[StageResult], figures: dict[str, float], run: Any, uri: str,
                       report: Path) -> str:
     """The flow run's artifact: links to the MLflow run and the report, each stage's time, the headline figures."""
-    lines = [f"# Q-Probe pipeline run `{run.info.run_id}`", "", f"- MLflow run: {_run_link(run, uri)}",
+    link = mlflow_link(uri, run.info.experiment_id, run.info.run_id)
+    lines = [f"# Q-Probe pipeline run `{run.info.run_id}`", "", f"- MLflow run: {link}",
              f"- Report: `{report}`" if report.is_file() else "- Report: none yet (the evaluate stage writes it)",
              "", "| stage | ran | seconds |", "|---|---|---|"]
     lines += [f"| {r.stage} | {'yes' if r.ran else 'cached'} | {r.seconds:.1f} |" for r in results]
@@ -149,12 +152,19 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
                                 "force": force, **_params_in_force(root_path)},
                    tags={"prefect.flow_run_id": str(flow_run.get_id() or "")}, root=root_path) as parent:
         parent_id = parent.info.run_id
+        link = mlflow_link(tracking_uri(root_path), parent.info.experiment_id, parent_id)
+        logger.info("MLflow run %s: %s", parent_id, link)
         remote = set(cluster_stages or GPU_STAGES) if target != "local" else set()
-        for stage in selected:
+        for i, stage in enumerate(selected, 1):
+            where = f"on {target}" if stage in remote else "here"
+            logger.info("stage %s (%d/%d): started %s", stage, i, len(selected), where)
             if stage in remote:
-                results.append(launch_stage(stage, target, str(root_path), parent_id, launch_options))
+                result = launch_stage(stage, target, str(root_path), parent_id, launch_options)
             else:
-                results.append(run_stage(stage, str(root_path), parent_id, stage_env, force=force))
+                result = run_stage(stage, str(root_path), parent_id, stage_env, force=force)
+            logger.info("stage %s (%d/%d): %s, %.1f s", stage, i, len(selected), "ran" if result.ran else "cached",
+                        result.seconds)
+            results.append(result)
         stage_metrics = {r.stage: _metrics_of(root_path, r) for r in results}
         figures = pipeline_figures(stage_metrics, {r.stage: r.seconds for r in results})
         mlflow.log_metrics(figures)
@@ -165,7 +175,7 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
         _tag_stage_runs(parent_id, results)
     summary = _summary_markdown(results, figures, parent, stage_env["MLFLOW_TRACKING_URI"], root_path / REPORT)
     create_markdown_artifact(summary, key="qprobe-pipeline-summary")
-    return {"run_id": parent_id, "stages": {r.stage: r.ran for r in results}, "metrics": figures}
+    return {"run_id": parent_id, "mlflow": link, "stages": {r.stage: r.ran for r in results}, "metrics": figures}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -217,8 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = root / REPORT
     if report.is_file():
         print(f"  report:   {report}")
-    uri = tracking_uri()
-    print(f"  MLflow:   .venv/bin/mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000")
+    print(f"  MLflow:   {result['mlflow']}")
     return 0
 
 

@@ -5,18 +5,24 @@ STAGE``, in the same workspace, so they share one cache: after a flow run ``dvc 
 ``dvc repro`` is a no-op. DVC holds a lock on the workspace, so stages run one after the other;
 parallelism belongs inside a stage.
 
+What the stage prints streams live, each line prefixed with the stage's name, to the terminal and
+to the Prefect task's log (:mod:`tasks.stage_output`).
+
 DVC runs in a process group of its own, with the stage it starts and whatever that spawns: when the
 flow is interrupted (or a timeout expires) the whole group is stopped, not only DVC.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,7 @@ from prefect import get_run_logger, task
 from qprobe import offline
 from qprobe.procs import stop_group
 from qprobe.tracking import PARENT_ENV
+from tasks.stage_output import StageOutput, child_env
 
 log = logging.getLogger(__name__)
 
@@ -84,26 +91,48 @@ def stage_env(parent_run_id: str | None = None, extra: dict[str, str] | None = N
     return env
 
 
-def dvc(args: list[str], root: str | Path, env: dict[str, str] | None = None,
-        timeout: float | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the DVC that lives beside this interpreter (the project's pinned one), in a new process group.
+@contextlib.contextmanager
+def _dvc_process(args: list[str], root: str | Path, env: dict[str, str] | None,
+                 **popen: Any) -> Iterator[subprocess.Popen]:
+    """The DVC that lives beside this interpreter (the project's pinned one), started in a new process group.
 
-    Whatever ends the wait early (an interruption, ``timeout``) stops the whole group before it propagates.
+    Whatever ends the wait early (an interruption, a timeout) stops the whole group before it propagates.
     """
     exe = Path(sys.executable).parent / "dvc"
     cmd = [str(exe) if exe.exists() else "dvc", *args]
     # A session of its own: the group can be stopped as one, and a terminal's Ctrl-C reaches the flow
     # alone, which then stops the group rather than leaving DVC and the stage to race it.
     with subprocess.Popen(cmd, cwd=root, env=env or stage_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+                          start_new_session=True, **popen) as proc:
         try:
-            stdout, stderr = proc.communicate(timeout=timeout)
+            yield proc
         except BaseException:
             left = stop_group(proc.pid, STOP_GRACE_S, proc)
             if left:
                 log.warning("dvc %s: processes %s survived SIGKILL", " ".join(args), left)
             raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def dvc(args: list[str], root: str | Path, env: dict[str, str] | None = None,
+        timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """Run DVC (see :func:`_dvc_process`) to the end and return what it printed."""
+    with _dvc_process(args, root, env, stderr=subprocess.PIPE, text=True) as proc:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def dvc_live(args: list[str], root: str | Path, env: dict[str, str] | None, output: StageOutput) -> int:
+    """Run DVC (see :func:`_dvc_process`), handing ``output`` what it prints as it prints it; the exit code.
+
+    stderr joins stdout in one pipe, so the pieces keep the order they were printed in.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with _dvc_process(args, root, env, stderr=subprocess.STDOUT) as proc:
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            output.feed(decoder.decode(chunk))
+        output.feed(decoder.decode(b"", final=True))
+        output.close()
+        return proc.wait()
 
 
 def status_verdict(root: str | Path) -> str:
@@ -122,32 +151,47 @@ def status_verdict(root: str | Path) -> str:
 
 
 def repro_stage(stage: str, root: str | Path, parent_run_id: str | None = None,
-                extra_env: dict[str, str] | None = None, force: bool = False) -> StageResult:
-    """``dvc repro --single-item STAGE``; ``ran`` is False when DVC found it up to date."""
+                extra_env: dict[str, str] | None = None, force: bool = False,
+                log_line: Callable[[str], None] | None = None) -> StageResult:
+    """``dvc repro --single-item STAGE``; ``ran`` is False when DVC found it up to date.
+
+    What the stage prints reaches this process's stdout as it comes, and ``log_line`` line by line
+    (:class:`~tasks.stage_output.StageOutput`).
+    """
     args = ["repro", "--single-item", stage] + (["--force"] if force else [])
+    output = StageOutput(stage, sys.stdout, log_line)
     start = time.perf_counter()
-    proc = dvc(args, root, stage_env(parent_run_id, extra_env))
+    code = dvc_live(args, root, stage_env(parent_run_id, {**child_env(sys.stdout), **(extra_env or {})}), output)
     seconds = time.perf_counter() - start
-    output = proc.stdout + proc.stderr
-    if proc.returncode != 0:
+    if code != 0:
         # Progress bars and library warnings bury the one line that says what went wrong.
-        lines = [line for line in output.strip().splitlines()
-                 if line.strip() and "it/s]" not in line and "examples/s]" not in line and "warn" not in line.lower()]
+        lines = [line for line in output.tail
+                 if "it/s]" not in line and "examples/s]" not in line and "warn" not in line.lower()]
         tail = "\n".join(lines[-12:])
-        raise StageError(f"dvc repro of stage {stage!r} failed (exit {proc.returncode}):\n{tail}")
-    skipped = f"Stage '{stage}' didn't change, skipping" in output or "is cached - skipping" in output
-    ran = not skipped and f"Running stage '{stage}'" in output
+        raise StageError(f"dvc repro of stage {stage!r} failed (exit {code}):\n{tail}")
+    said = "\n".join(output.head)
+    skipped = f"Stage '{stage}' didn't change, skipping" in said or "is cached - skipping" in said
+    ran = not skipped and f"Running stage '{stage}'" in said
     return StageResult(stage=stage, ran=ran, seconds=seconds, lock=lock_entry(root, stage))
+
+
+def _prefect_log() -> Callable[[str], None]:
+    """Logs a line to the running Prefect task's log alone: the terminal shows the stage's output already, raw."""
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("qprobe.stage_output")
+    if not logger.handlers:
+        logger.addHandler(APILogHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # the root logger's console handler would print every line a second time
+    return logger.info
 
 
 @task(name="dvc-stage", task_run_name="dvc repro {stage}", retries=0)
 def run_stage(stage: str, root: str, parent_run_id: str | None = None,
               extra_env: dict[str, str] | None = None, force: bool = False) -> StageResult:
-    """Prefect task: run one DVC stage (see :func:`repro_stage`) and log what DVC did."""
-    logger = get_run_logger()
-    result = repro_stage(stage, root, parent_run_id, extra_env, force)
-    logger.info("stage %s %s in %.1f s", stage, "ran" if result.ran else "was up to date", result.seconds)
-    return result
+    """Prefect task: run one DVC stage (see :func:`repro_stage`), its output live in the terminal and the task's log."""
+    return repro_stage(stage, root, parent_run_id, extra_env, force, _prefect_log())
 
 
 @task(name="launch-stage", task_run_name="launch {stage} on {target}")

@@ -24,6 +24,8 @@ does the rest the same way for every stage:
   metrics (:class:`MlflowLogCallback`; trl's own ``report_to: mlflow`` would open a second run), the
   final metrics, and the final model as a reference to the DVC output: its path and content hash as
   tags, never a copy.
+* **Progress.** A status line every ``status_steps`` steps: step/total, loss or reward, seconds per
+  step, time left (:mod:`qprobe.train.progress`).
 * **Output.** The final model (LoRA merged into the base) with the processor, chat template and the
   protocol's limits it was trained under (:data:`~qprobe.agent.protocol_config.LIMITS_FILE`), written
   beside ``out`` and renamed into place, loadable by :func:`qprobe.models.factory.load_model`; and the
@@ -55,6 +57,7 @@ from qprobe.io import content_hash, write_json_atomic
 from qprobe.models.factory import check_checkpoint, load_processor
 from qprobe.train.checkpoints import CheckpointLoading, drop_checkpoints, record_run, use_run_dir
 from qprobe.train.history import last_logged, write_curves
+from qprobe.train.progress import StatusLineCallback
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,9 @@ class StageArgs:
     freeze_vision: bool = field(default=True, metadata={"group": "model",
         "help": "keep the vision tower (ViT and patch merger) frozen; with LoRA, give it no adapters"})
     protocol: ProtocolLimits = field(default_factory=ProtocolLimits, metadata={**PROTOCOL_FIELD, "group": "tool"})
+    status_steps: int = field(default=0, metadata={"group": "schedule",
+        "help": "print a status line (step/total, loss or reward, seconds per step, time left) every this many "
+                "steps; 0: about 20 lines a run (every step when max_steps is 20 or less)"})
 
     # The help groups (qprobe.config.GROUPS) of the trainer's fields every stage sets in params.yaml or
     # configs/paper.yaml; trl's other fields are listed by `--help-all` only.
@@ -103,7 +109,7 @@ class StageArgs:
     UNTRAINED_KEYS: ClassVar[frozenset[str]] = frozenset({
         "max_steps", "num_train_epochs", "save_steps", "save_strategy", "save_total_limit", "logging_steps",
         "logging_strategy", "logging_first_step", "logging_dir", "output_dir", "run_name", "report_to", "resume",
-        "out", "metrics", "curves", "local_rank", "dataloader_num_workers", "disable_tqdm",
+        "out", "metrics", "curves", "local_rank", "dataloader_num_workers", "disable_tqdm", "status_steps",
     })
 
     def __post_init__(self) -> None:
@@ -411,6 +417,7 @@ def run_stage(stage: str, cfg: StageArgs, make_trainer: Callable[[Path, Any], An
         if cfg.freeze_vision and not cfg.lora:
             freeze_vision(trainer.model)
         trainer.add_callback(MlflowLogCallback())
+        trainer.add_callback(StatusLineCallback(stage, cfg.status_steps))
         result = trainer.train(resume_from_checkpoint=checkpoint)
         out = save_final(trainer, cfg, model_path, processor)
         state = trainer.state
