@@ -8,6 +8,7 @@ with the true defects beside the predicted ones and the agent's cost in ``cost_<
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -98,10 +99,10 @@ def has_defect(row: pd.Series) -> bool | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else bool(value)
 
 
-def _record(eval_set: EvalSet, row: pd.Series, path: Path, method: str, prediction: Prediction) -> dict[str, Any]:
+def _record(set_name: str, row: pd.Series, path: Path, method: str, prediction: Prediction) -> dict[str, Any]:
     true = _true_defects(row)
     record = {
-        "set": eval_set.name, "id": str(row["id"]), "image": str(path), "method": method,
+        "set": set_name, "id": str(row["id"]), "image": str(path), "method": method,
         "mos": float(row["mos"]), "has_defect": has_defect(row),
         "types": sorted({d["type"] for d in true}), "severity": max((d["severity"] for d in true), default=0),
         "true_defects": true, "score": prediction.score, "raw": prediction.raw, "outcome": prediction.outcome,
@@ -112,25 +113,59 @@ def _record(eval_set: EvalSet, row: pd.Series, path: Path, method: str, predicti
     return record
 
 
+@dataclass(frozen=True)
+class ImageShard:
+    """One image to score: its set, its manifest row, its path as recorded and the file to read."""
+
+    set_name: str
+    row: pd.Series
+    path: Path
+    file: Path
+
+
+@dataclass
+class ImageResult:
+    records: list[dict[str, Any]]
+    traces: list[dict[str, Any]]
+    skipped: str | None = None  # why the image could not be read
+
+
+def score_image(shard: ImageShard, scorers: dict[str, Scorer], cfg: EvaluateConfig) -> ImageResult:
+    """One image through every scorer (in a worker process or Ray task when the executor has one)."""
+    try:
+        image = load_image(shard.file, max_pixels=cfg.max_image_pixels)
+    except QProbeError as exc:
+        return ImageResult([], [], skipped=str(exc))
+    result = ImageResult([], [])
+    for method, scorer in scorers.items():
+        prediction = scorer(image, seed=cfg.seed)
+        result.records.append(_record(shard.set_name, shard.row, shard.path, method, prediction))
+        if prediction.trace is not None:
+            result.traces.append({"set": shard.set_name, "id": str(shard.row["id"]), "method": method,
+                                  **prediction.trace})
+    return result
+
+
 def score_sets(sets: Sequence[EvalSet], scorers: dict[str, Scorer], cfg: EvaluateConfig,
                traces: list[dict[str, Any]]) -> tuple[pd.DataFrame, Counter]:
-    """Every image of every set through every scorer; unreadable images are counted and skipped."""
+    """Every image of every set through every scorer; unreadable images are counted and skipped.
+
+    One shard per image (:mod:`qprobe.executors`); a worker gets the scorers, model included, once.
+    """
     records: list[dict[str, Any]] = []
     skipped: Counter = Counter()
+    score = functools.partial(score_image, scorers=scorers, cfg=cfg)
     for eval_set in sets:
-        for _, row in tqdm(eval_set.rows.iterrows(), total=len(eval_set.rows), desc=f"evaluate {eval_set.name}",
-                           unit="img", file=sys.stderr, disable=None):
+        shards = []
+        for _, row in eval_set.rows.iterrows():
             path = image_path(eval_set.manifest, str(row["image"]))
-            try:
-                image = load_image(path, max_pixels=cfg.max_image_pixels)
-            except QProbeError as exc:
-                log.warning("skipped: %s", exc)
+            # Read by absolute path: a Ray worker need not share this process's working directory.
+            shards.append(ImageShard(eval_set.name, row, path, path.resolve()))
+        for result in tqdm(cfg.map(score, shards), total=len(shards), desc=f"evaluate {eval_set.name}",
+                           unit="img", file=sys.stderr, disable=None):
+            if result.skipped is not None:
+                log.warning("skipped: %s", result.skipped)
                 skipped[eval_set.name] += 1
-                continue
-            for method, scorer in scorers.items():
-                prediction = scorer(image, seed=cfg.seed)
-                records.append(_record(eval_set, row, path, method, prediction))
-                if prediction.trace is not None:
-                    traces.append({"set": eval_set.name, "id": str(row["id"]), "method": method,
-                                   **prediction.trace})
+            records.extend(result.records)
+            traces.extend(result.traces)
     return pd.DataFrame.from_records(records), skipped
