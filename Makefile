@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# `make test` also installs the ray extra, so CI runs the Ray tests; `make run` does not need it.
+RAY_STAMP := $(VENV)/.ray-stamp
 
 # The offline environment (no telemetry, no hub) is set by the code itself: qprobe/offline.py.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -19,11 +21,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,ray]'
+	touch $(RAY_STAMP)
+
 run: $(STAMP)
 	$(BIN)/python -m flows.pipeline
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+test: lint $(RAY_STAMP)
 	$(BIN)/pytest -q

@@ -23,6 +23,8 @@ OFFLINE_ENV: dict[str, str] = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "TOKENIZERS_PARALLELISM": "false",
+    # Ray (--executor ray) reports usage to its makers unless told not to; workers inherit it.
+    "RAY_USAGE_STATS_ENABLED": "0",
 }
 
 

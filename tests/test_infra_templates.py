@@ -88,6 +88,49 @@ def test_job_validation_names_the_broken_field() -> None:
         M.validate_job(M.render_job("bench", L.LaunchConfig(gpus=0), REPO, COMMIT))
 
 
+# --- KubeRay RayCluster (the data stages' --executor ray) -------------------------------------------
+
+
+def test_raycluster_template_renders_a_valid_cluster() -> None:
+    from qprobe import offline
+
+    doc = M.validate_raycluster(M.render_raycluster("registry.example.com/qprobe:1", workers=3, cpus=8,
+                                                    memory_gb=32, ray_version="2.60.0"))
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
+    assert doc["spec"]["rayVersion"] == "2.60.0"
+    head = doc["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # shards run on the workers only
+    head_box = head["template"]["spec"]["containers"][0]
+    assert {"containerPort": 10001, "name": "client"} in head_box["ports"]  # --ray-address ray://HEAD:10001
+    (group,) = doc["spec"]["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 3
+    box = group["template"]["spec"]["containers"][0]
+    assert box["image"] == head_box["image"] == "registry.example.com/qprobe:1"
+    assert box["resources"]["requests"] == {"cpu": "8", "memory": "32Gi"}
+    for container in (head_box, box):
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env == offline.OFFLINE_ENV and env["RAY_USAGE_STATS_ENABLED"] == "0"
+        assert [s["secretRef"]["name"] for s in container["envFrom"]] == ["qprobe-aws"]
+
+
+def test_raycluster_validation_names_the_broken_field() -> None:
+    doc = yaml.safe_load(M.render_raycluster("registry.example.com/qprobe:1", ray_version="2.60.0"))
+    broken = json.loads(json.dumps(doc))
+    broken["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # KubeRay takes strings only
+    with pytest.raises(M.LaunchError, match=r"headGroupSpec\.rayStartParams\.num-cpus"):
+        M.validate_raycluster(broken)
+    broken = json.loads(json.dumps(doc))
+    broken["spec"]["workerGroupSpecs"][0]["replicas"] = 5
+    with pytest.raises(M.LaunchError, match="outside"):
+        M.validate_raycluster(broken)
+    broken = json.loads(json.dumps(doc))
+    del broken["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["image"]
+    with pytest.raises(M.LaunchError, match="image"):
+        M.validate_raycluster(broken)
+    with pytest.raises(M.LaunchError, match="rayVersion"):
+        M.validate_raycluster(M.render_raycluster("registry.example.com/qprobe:1", ray_version="latest"))
+
+
 def test_job_names_are_dns_labels() -> None:
     name = M.job_name("stage_with_a_very_long_name_that_goes_on@and_on_and_on_and_on", COMMIT)
     assert len(name) <= 63 and re.fullmatch(M.DNS_LABEL, name)

@@ -15,6 +15,7 @@ from typing import Literal
 
 from qprobe.data.manifest import SPLITS
 from qprobe.defects import TYPES, check_types
+from qprobe.executors import ExecutorArgs
 from qprobe.io import DEFAULT_MAX_PIXELS
 
 # Bumped whenever the synthesis algorithm changes the pixels it writes: records made by another
@@ -26,7 +27,7 @@ _FINGERPRINT_FIELDS = ("seed", "defects_per_image", "region_size", "max_overlap"
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(ExecutorArgs):
     """Parameters of ``qprobe bench`` (the ``bench:`` section of ``params.yaml``)."""
 
     source: str = field(default="skimage", metadata={
@@ -37,7 +38,6 @@ class BenchConfig:
         "help": "images to write, round-robin over the photos (a skipped photo's share is not made up); "
                 "null: one per photo"})
     seed: int = field(default=0, metadata={"help": "seed of every random choice (defects, splits, pristine share)"})
-    workers: int = field(default=1, metadata={"help": "worker processes (1: no pool)"})
     min_size: int = field(default=256, metadata={"help": "skip photos whose longer side is below this (pixels)"})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
         "help": "skip photos with more pixels than this (decompression bombs, giant scans)"})
@@ -67,10 +67,9 @@ class BenchConfig:
     contact_sheet_size: int = field(default=48, metadata={"help": "thumbnails on the contact sheet (0: none)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_images is not None and self.num_images < 1:
             raise ValueError(f"num_images must be at least 1 or null, got {self.num_images}")
-        if self.workers < 1:
-            raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.min_size < 0 or self.max_pixels < 1:
             raise ValueError("min_size must be >= 0 and max_pixels >= 1")
         if not 0.0 <= self.pristine_fraction <= 1.0:

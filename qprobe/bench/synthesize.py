@@ -29,17 +29,16 @@ unusable is skipped with its images, and the metrics count it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
 import logging
 import math
-import multiprocessing
 import re
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,7 +180,7 @@ def _save(pixels: np.ndarray, path: Path, fmt: str) -> None:
 
 
 def run_task(task: Task, cfg: BenchConfig) -> TaskResult:
-    """Load one photo and make its pending images (runs in a worker process when ``workers > 1``)."""
+    """Load one photo and make its pending images (in a worker process or Ray task when the executor has one)."""
     out = Path(cfg.out)
     result = TaskResult(key=task.item.key)
     try:
@@ -238,30 +237,10 @@ def _finished(out: Path, job: Job, cfg: BenchConfig) -> dict[str, Any] | None:
 
 
 def _run_tasks(tasks: list[Task], cfg: BenchConfig, bar: tqdm) -> Iterator[TaskResult]:
-    if cfg.workers == 1 or len(tasks) == 1:
-        for task in tasks:
-            yield run_task(task, cfg)
-            bar.update(len(task.jobs))
-        return
-    # spawn, not fork: the parent may hold MLflow/boto3 state and threads that must not be forked.
-    pool = ProcessPoolExecutor(max_workers=min(cfg.workers, len(tasks)),
-                               mp_context=multiprocessing.get_context("spawn"))
-    try:
-        # A bounded window of submitted tasks keeps memory flat on a source of thousands of photos.
-        queue = iter(tasks)
-        running: dict[Future, Task] = {}
-        while True:
-            while len(running) < 2 * cfg.workers and (task := next(queue, None)) is not None:
-                running[pool.submit(run_task, task, cfg)] = task
-            if not running:
-                break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in sorted(done, key=lambda f: running[f].item.key):
-                task = running.pop(future)
-                yield future.result()
-                bar.update(len(task.jobs))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    # One shard per photo, wherever it runs (qprobe.executors): a worker loads its photo once.
+    for task, result in zip(tasks, cfg.map(functools.partial(run_task, cfg=cfg), tasks), strict=True):
+        yield result
+        bar.update(len(task.jobs))
 
 
 def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = True) -> BenchResult:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from qprobe.agent.backends import EndpointArgs
 from qprobe.agent.protocol_config import PROTOCOL_FIELD, ProtocolLimits
 from qprobe.agent.rollout import RolloutConfig
+from qprobe.executors import ExecutorArgs
 from qprobe.io import DEFAULT_MAX_PIXELS
 
 MODEL = "qprobe"
@@ -21,7 +22,7 @@ TRAINING_STAGES = ("stage1", "stage2", "stage3")
 
 
 @dataclass
-class EvaluateConfig(EndpointArgs):
+class EvaluateConfig(EndpointArgs, ExecutorArgs):
     """Parameters of ``qprobe evaluate`` (the ``evaluate:`` section of ``params.yaml``)."""
 
     model: str = field(default="models/stage3", metadata={
@@ -68,7 +69,8 @@ class EvaluateConfig(EndpointArgs):
         "help": "refuse images with more pixels than this (decompression bombs)"})
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        EndpointArgs.__post_init__(self)
+        ExecutorArgs.__post_init__(self)
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise ValueError(f"unknown baseline {unknown[0]!r} (known: {', '.join(BASELINES)})")

@@ -10,6 +10,7 @@ table in the same order whatever the concurrency.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -17,7 +18,6 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,10 +102,10 @@ def has_defect(row: pd.Series) -> bool | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else bool(value)
 
 
-def _record(eval_set: EvalSet, row: pd.Series, path: Path, method: str, prediction: Prediction) -> dict[str, Any]:
+def _record(set_name: str, row: pd.Series, path: Path, method: str, prediction: Prediction) -> dict[str, Any]:
     true = _true_defects(row)
     record = {
-        "set": eval_set.name, "id": str(row["id"]), "image": str(path), "method": method,
+        "set": set_name, "id": str(row["id"]), "image": str(path), "method": method,
         "mos": float(row["mos"]), "has_defect": has_defect(row),
         "types": sorted({d["type"] for d in true}), "severity": max((d["severity"] for d in true), default=0),
         "true_defects": true, "score": prediction.score, "raw": prediction.raw, "outcome": prediction.outcome,
@@ -116,38 +116,62 @@ def _record(eval_set: EvalSet, row: pd.Series, path: Path, method: str, predicti
     return record
 
 
-def score_image(eval_set: EvalSet, row: pd.Series, scorers: dict[str, Scorer],
-                cfg: EvaluateConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
-    """One image through every scorer: its records and its agents' traces; ``None`` if it cannot be read."""
-    path = image_path(eval_set.manifest, str(row["image"]))
+@dataclass(frozen=True)
+class ImageShard:
+    """One image to score: its set, its manifest row, its path as recorded and the file to read."""
+
+    set_name: str
+    row: pd.Series
+    path: Path
+    file: Path
+
+
+@dataclass
+class ImageResult:
+    records: list[dict[str, Any]]
+    traces: list[dict[str, Any]]
+    skipped: str | None = None  # why the image could not be read
+
+
+def score_image(shard: ImageShard, scorers: dict[str, Scorer], cfg: EvaluateConfig) -> ImageResult:
+    """One image through every scorer (in a worker process or Ray task when the executor has one)."""
     try:
-        image = load_image(path, max_pixels=cfg.max_image_pixels)
+        image = load_image(shard.file, max_pixels=cfg.max_image_pixels)
     except QProbeError as exc:
-        log.warning("skipped: %s", exc)
-        return None
-    records, traces = [], []
+        return ImageResult([], [], skipped=str(exc))
+    result = ImageResult([], [])
     for method, scorer in scorers.items():
         prediction = scorer(image, seed=cfg.seed)
-        records.append(_record(eval_set, row, path, method, prediction))
+        result.records.append(_record(shard.set_name, shard.row, shard.path, method, prediction))
         if prediction.trace is not None:
-            traces.append({"set": eval_set.name, "id": str(row["id"]), "method": method, **prediction.trace})
-    return records, traces
+            result.traces.append({"set": shard.set_name, "id": str(shard.row["id"]), "method": method,
+                                  **prediction.trace})
+    return result
 
 
 def score_sets(sets: Sequence[EvalSet], scorers: dict[str, Scorer], cfg: EvaluateConfig,
                traces: list[dict[str, Any]], concurrency: int = 1) -> tuple[pd.DataFrame, Counter]:
-    """Every image of every set through every scorer, ``concurrency`` images at once; unreadable images
-    are counted and skipped."""
+    """Every image of every set through every scorer; unreadable images are counted and skipped.
+
+    An endpoint is asked for ``concurrency`` images at once from threads of this process (the server
+    batches them); a local model's images are shards of the executor (:mod:`qprobe.executors`), and a
+    worker gets the scorers, model included, once.
+    """
     records: list[dict[str, Any]] = []
     skipped: Counter = Counter()
+    score = functools.partial(score_image, scorers=scorers, cfg=cfg)
     for eval_set in sets:
-        rows = [row for _, row in eval_set.rows.iterrows()]
-        scored = ordered_map(partial(score_image, eval_set, scorers=scorers, cfg=cfg), rows, concurrency)
-        for result in tqdm(scored, total=len(rows), desc=f"evaluate {eval_set.name}", unit="img",
-                           file=sys.stderr, disable=None):
-            if result is None:
+        shards = []
+        for _, row in eval_set.rows.iterrows():
+            path = image_path(eval_set.manifest, str(row["image"]))
+            # Read by absolute path: a Ray worker need not share this process's working directory.
+            shards.append(ImageShard(eval_set.name, row, path, path.resolve()))
+        mapped = ordered_map(score, shards, concurrency) if concurrency > 1 else cfg.map(score, shards)
+        for result in tqdm(mapped, total=len(shards), desc=f"evaluate {eval_set.name}",
+                           unit="img", file=sys.stderr, disable=None):
+            if result.skipped is not None:
+                log.warning("skipped: %s", result.skipped)
                 skipped[eval_set.name] += 1
-                continue
-            records.extend(result[0])
-            traces.extend(result[1])
+            records.extend(result.records)
+            traces.extend(result.traces)
     return pd.DataFrame.from_records(records), skipped

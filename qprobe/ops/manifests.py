@@ -5,7 +5,8 @@ without a value is an error) and checked before anything is submitted: the Job a
 :data:`JOB_SCHEMA`, the part of the ``batch/v1`` schema a typo in a template breaks; the task for
 the keys the launcher relies on, and by SkyPilot's own parser in its own environment
 (:func:`sky_check`). :class:`LaunchError` is here, the lowest module that raises it; the targets
-that submit these are :mod:`qprobe.ops.launch`.
+that submit these are :mod:`qprobe.ops.launch`. The KubeRay RayCluster the data stages'
+``--executor ray`` reaches (:func:`render_raycluster`) is rendered and checked the same way.
 """
 
 from __future__ import annotations
@@ -193,3 +194,91 @@ def sky_check(python: str, task_path: Path) -> None:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise LaunchError(f"SkyPilot rejects the task: {' / '.join(tail)}")
+
+
+# --- KubeRay ---------------------------------------------------------------------------------------
+
+_START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}  # KubeRay: map[string]string
+
+
+def _pod_template(container_name: str) -> dict[str, Any]:
+    return {"type": "object", "required": ["spec"], "properties": {"spec": {
+        "type": "object", "required": ["containers"], "properties": {"containers": {
+            "type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["name", "image", "resources"],
+                "properties": {"name": {"const": container_name}, "image": {"type": "string", "minLength": 1},
+                               "env": {"type": "array", "items": {
+                                   "type": "object", "required": ["name", "value"],
+                                   "properties": {"name": {"type": "string", "minLength": 1},
+                                                  "value": {"type": "string"}}}},
+                               "resources": {"type": "object", "additionalProperties": False,
+                                             "properties": {"requests": _QUANTITIES, "limits": _QUANTITIES}}}}}}}}}
+
+
+# The part of KubeRay's ray.io/v1 RayCluster schema that a typo in the template breaks.
+RAYCLUSTER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "ray.io/v1"},
+        "kind": {"const": "RayCluster"},
+        "metadata": JOB_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "required": ["rayVersion", "headGroupSpec", "workerGroupSpecs"],
+            "properties": {
+                "rayVersion": {"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
+                "headGroupSpec": {"type": "object", "required": ["rayStartParams", "template"], "properties": {
+                    "rayStartParams": _START_PARAMS, "template": _pod_template("ray-head")}},
+                "workerGroupSpecs": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["groupName", "replicas", "rayStartParams", "template"],
+                    "properties": {"groupName": {"type": "string", "pattern": DNS_LABEL},
+                                   "replicas": {"type": "integer", "minimum": 1},
+                                   "minReplicas": {"type": "integer", "minimum": 0},
+                                   "maxReplicas": {"type": "integer", "minimum": 1},
+                                   "rayStartParams": _START_PARAMS, "template": _pod_template("ray-worker")}}},
+            },
+        },
+    },
+}
+
+
+def render_raycluster(image: str, workers: int = 2, cpus: int = 4, memory_gb: int = 16, name: str = "qprobe-ray",
+                      namespace: str = "default", aws_secret: str = "qprobe-aws", ray_version: str | None = None) -> str:
+    """The KubeRay RayCluster (YAML) the data stages reach with ``--ray-address ray://HEAD:10001``.
+
+    ``workers`` pods of ``cpus`` CPUs each run the shards; their environment is the offline one every
+    Q-Probe process runs with (:mod:`qprobe.offline`). ``ray_version`` defaults to the Ray installed here,
+    the one the driver runs: the Ray client needs the same version on both sides.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from qprobe import offline
+
+    if ray_version is None:
+        try:
+            ray_version = version("ray")
+        except PackageNotFoundError as exc:
+            raise LaunchError("RayCluster: Ray is not installed here (pip install -e '.[ray]'); "
+                              "pass ray_version") from exc
+    return render_template("k8s/raycluster.yaml", name=name, namespace=namespace, image=image, workers=workers,
+                           cpus=cpus, memory_gb=memory_gb, aws_secret=aws_secret, ray_version=ray_version,
+                           env=offline.OFFLINE_ENV)
+
+
+def validate_raycluster(manifest: str | Mapping[str, Any]) -> dict[str, Any]:
+    """Parse (if text) and check a RayCluster against :data:`RAYCLUSTER_SCHEMA`; returns the document."""
+    import jsonschema
+
+    doc = yaml.safe_load(manifest) if isinstance(manifest, str) else dict(manifest)
+    errors = sorted(jsonschema.Draft202012Validator(RAYCLUSTER_SCHEMA).iter_errors(doc), key=lambda e: list(e.path))
+    if errors:
+        first = errors[0]
+        where = ".".join(str(p) for p in first.absolute_path) or "(document)"
+        raise LaunchError(f"invalid RayCluster at {where}: {first.message}")
+    for group in doc["spec"]["workerGroupSpecs"]:
+        low, high = group.get("minReplicas", group["replicas"]), group.get("maxReplicas", group["replicas"])
+        if not low <= group["replicas"] <= high:
+            raise LaunchError(f"RayCluster worker group {group['groupName']}: replicas {group['replicas']} "
+                              f"outside [minReplicas {low}, maxReplicas {high}]")
+    return doc

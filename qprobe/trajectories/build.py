@@ -25,12 +25,13 @@ Run it::
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -274,16 +275,32 @@ def _schedule(n: int, pool: int, rng: random.Random) -> list[int]:
     return order[:n]
 
 
-def _photos(rows: list[dict[str, Any]], manifest_path: Path) -> Iterator[BenchPhoto]:
-    cache: dict[str, BenchPhoto] = {}
-    for row in rows:
-        if row["id"] not in cache:
-            if len(cache) > 16:  # bound memory on big benches; the schedule revisits photos rarely
-                cache.clear()
-            path = image_path(manifest_path, row["image"])
-            image = load_image(path)
-            cache[row["id"]] = BenchPhoto(row, path, image, texture_map(np.asarray(image)))
-        yield cache[row["id"]]
+@dataclass(frozen=True)
+class Shard:
+    """One record to make: SFT sample number ``index`` of ``kind`` (``low`` or ``high``), or an ``rl`` prompt."""
+
+    index: int
+    kind: str
+    row: dict[str, Any]
+    path: Path
+
+
+@functools.lru_cache(maxsize=16)
+def _decoded(path: Path, mtime_ns: int) -> tuple[Image.Image, TextureMap]:
+    # Per process, keyed by the file's mtime too: the schedule revisits a photo once per pass, and a
+    # bench re-run that rewrote it must not be served the old pixels.
+    image = load_image(path)
+    return image, texture_map(np.asarray(image))
+
+
+def make_record(shard: Shard, cfg: TrajectoriesConfig, root: Path) -> dict[str, Any]:
+    """The record of one shard; its random choices depend on the seed, the index and the photo only."""
+    image, texture = _decoded(shard.path, shard.path.stat().st_mtime_ns)
+    photo = BenchPhoto(shard.row, shard.path, image, texture)
+    if shard.kind == "rl":
+        return rl_prompt(photo, cfg, root)
+    rng = random.Random(f"{cfg.seed}:{shard.index}:{shard.row['id']}")
+    return (low_res_sample if shard.kind == "low" else high_res_sample)(photo, cfg, rng)
 
 
 def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
@@ -305,18 +322,17 @@ def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
     rng.shuffle(kinds)
     picks = _schedule(cfg.sft_size, len(rows), rng)
     teacher = Teacher(cfg.teacher, cfg.teacher_tolerance) if cfg.teacher else None
+    # Absolute paths: a Ray worker need not share this process's working directory.
+    make = functools.partial(make_record, cfg=cfg, root=root.resolve())
+    paths = [image_path(manifest_path, r["image"]).resolve() for r in rows]
+    shards = [Shard(i, kind, rows[p], paths[p]) for i, (kind, p) in enumerate(zip(kinds, picks, strict=True))]
     sft: list[dict[str, Any]] = []
-    for kind, photo in tqdm(zip(kinds, _photos([rows[i] for i in picks], manifest_path), strict=True),
-                            total=len(kinds), desc="probe-cot", unit="sample"):
-        sample_rng = random.Random(f"{cfg.seed}:{len(sft)}:{photo.row['id']}")
-        if kind == "low":
-            sft.append(low_res_sample(photo, cfg, sample_rng))
-            continue
-        sample = high_res_sample(photo, cfg, sample_rng)
-        sft.append(teacher.rewrite(sample) if teacher else sample)
+    for sample in tqdm(cfg.map(make, shards), total=len(shards), desc="probe-cot", unit="sample"):
+        # The teacher is one endpoint: asked from here, its counts in one place.
+        sft.append(teacher.rewrite(sample) if teacher and sample["kind"] == "high" else sample)
     rl_picks = _schedule(cfg.rl_size or len(rows), len(rows), rng)
-    rl = [rl_prompt(p, cfg, root) for p in tqdm(_photos([rows[i] for i in rl_picks], manifest_path),
-                                                 total=len(rl_picks), desc="probe-rl", unit="prompt")]
+    rl_shards = [Shard(i, "rl", rows[p], paths[p]) for i, p in enumerate(rl_picks)]
+    rl = list(tqdm(cfg.map(make, rl_shards), total=len(rl_shards), desc="probe-rl", unit="prompt"))
     stage1 = _stage1(cfg, rows, manifest_path, rng, public)
 
     # Great Expectations takes seconds to import: only a run that validates pays for it, not --help.

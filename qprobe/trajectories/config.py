@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qprobe.agent.protocol_config import PROTOCOL_FIELD, ProtocolLimits
+from qprobe.executors import ExecutorArgs
 from qprobe.trajectories.planner import PlannerConfig
 
 
 @dataclass
-class TrajectoriesConfig:
+class TrajectoriesConfig(ExecutorArgs):
     """Parameters of ``qprobe trajectories`` (see :mod:`qprobe.trajectories.build` for the three sets)."""
 
     bench: str = field(default="data/bench", metadata={"help": "bench folder (holding manifest.parquet)"})
@@ -39,6 +40,7 @@ class TrajectoriesConfig:
         "help": "keep a rewrite only if the teacher's own score is this close to the MOS"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.low_high_ratio < 0 or self.sft_size < 1:
             raise ValueError("need low_high_ratio >= 0 and sft_size >= 1")
         if self.protocol.max_crops < 1:

@@ -1,0 +1,174 @@
+"""The data stages on Ray give what they give locally, and a killed Ray worker costs only its shard.
+
+One local Ray (two CPUs, no dashboard) serves the whole module: starting one takes seconds. The
+stages find it already started and use it (:func:`qprobe.executors.start_ray`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from qprobe.bench.config import BenchConfig
+from qprobe.bench.synthesize import synthesize
+from qprobe.executors import map_shards, start_ray
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray() -> Iterator[None]:
+    start_ray(workers=2)
+    # The shard functions defined here travel by value: Ray's workers cannot import a test module.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.shutdown()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _bench_config(tmp_path: Path, source: Path, out: str, **overrides: object) -> BenchConfig:
+    values = {"source": str(source), "out": str(tmp_path / out), "metrics": str(tmp_path / f"{out}.json"),
+              "num_images": 10, "min_size": 200, **overrides}
+    return BenchConfig(**values)
+
+
+def test_bench_on_ray_is_byte_identical_to_local_with_any_worker_count(tmp_path: Path, tiny_photos: Path) -> None:
+    local = _bench_config(tmp_path, tiny_photos, "local")
+    synthesize(local, progress=False)
+    expected = _files(Path(local.out))
+    assert len(expected) == 23  # 10 images, 10 records, manifest, contact sheet, ledger
+    for workers in (1, 2):
+        cfg = _bench_config(tmp_path, tiny_photos, f"ray{workers}", executor="ray", workers=workers)
+        synthesize(cfg, progress=False)
+        got = _files(Path(cfg.out))
+        assert got.keys() == expected.keys()
+        assert [name for name in got if got[name] != expected[name]] == []
+
+
+def _record_attempt(folder: str, shard: int) -> int:
+    """A shard that leaves one file per attempt (named by shard, holding the worker's pid), then works a while."""
+    marker = Path(folder) / f"{shard}.{os.getpid()}.{time.monotonic_ns()}"
+    marker.write_text(str(os.getpid()))
+    time.sleep(0.5)
+    return shard * shard
+
+
+def _kill_first_worker(folder: Path, killed: list[int]) -> None:
+    """SIGKILL the worker of the first attempt that appears in ``folder``; note which shard it ran."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        markers = sorted(folder.iterdir())
+        if markers:
+            shard = int(markers[0].name.split(".")[0])
+            os.kill(int(markers[0].read_text()), signal.SIGKILL)
+            killed.append(shard)
+            return
+        time.sleep(0.01)
+
+
+def test_a_killed_ray_worker_costs_only_its_shard(tmp_path: Path) -> None:
+    import functools
+
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_first_worker, args=(attempts, killed))
+    killer.start()
+    results = list(map_shards(functools.partial(_record_attempt, str(attempts)), list(range(6)),
+                              executor="ray", workers=2))
+    killer.join()
+    assert results == [i * i for i in range(6)]
+    assert len(killed) == 1
+    runs = {i: len(list(attempts.glob(f"{i}.*"))) for i in range(6)}
+    assert runs == {i: 2 if i == killed[0] else 1 for i in range(6)}
+
+
+def test_bench_survives_a_killed_worker_with_identical_output(tmp_path: Path, tiny_photos: Path) -> None:
+    local = _bench_config(tmp_path, tiny_photos, "local")
+    synthesize(local, progress=False)
+    killed: list[int] = []
+
+    def kill_a_busy_worker() -> None:
+        # Ray names a worker process after the task it runs: the first one busy with a shard dies.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not killed:
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    title = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if title.startswith(b"ray::_run_shard"):
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(int(pid))
+                    return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_a_busy_worker)
+    killer.start()
+    cfg = _bench_config(tmp_path, tiny_photos, "ray", executor="ray", workers=2)
+    synthesize(cfg, progress=False)
+    killer.join()
+    assert killed, "no Ray worker was seen running a shard"
+    expected, got = _files(Path(local.out)), _files(Path(cfg.out))
+    assert got.keys() == expected.keys()
+    assert [name for name in got if got[name] != expected[name]] == []
+
+
+def test_trajectories_on_ray_equal_local(tmp_path: Path, tiny_photos: Path) -> None:
+    from datasets import load_from_disk
+
+    from qprobe.trajectories.build import SETS, build
+    from qprobe.trajectories.config import TrajectoriesConfig
+
+    bench = _bench_config(tmp_path, tiny_photos, "bench", num_images=20)
+    synthesize(bench, progress=False)
+    # Every split is a training split here: five photos leave few in train.
+    local = TrajectoriesConfig(bench=bench.out, out=str(tmp_path / "local"), sft_size=6, rl_size=4, stage1_size=2,
+                               train_splits=["train", "val"], samples_html=0)
+    build(local, root=tmp_path)
+    on_ray = replace(local, out=str(tmp_path / "ray"), executor="ray", workers=2)
+    build(on_ray, root=tmp_path)
+    for name in SETS:
+        a, b = load_from_disk(f"{local.out}/{name}"), load_from_disk(f"{on_ray.out}/{name}")
+        assert a.to_list() == b.to_list(), name
+
+
+def _timeless(value: object) -> object:
+    """``value`` without its ``seconds`` keys, at any depth."""
+    if isinstance(value, dict):
+        return {k: _timeless(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_timeless(v) for v in value]
+    return value
+
+
+def test_evaluate_with_a_local_model_on_ray_equals_local(tmp_path: Path, tiny_photos: Path,
+                                                         tiny_model_dir: Path) -> None:
+    from qprobe.agent.protocol_config import ProtocolLimits
+    from qprobe.eval.config import EvaluateConfig
+    from qprobe.eval.scoring import load_sets, make_scorers, score_sets
+
+    bench = _bench_config(tmp_path, tiny_photos, "bench", num_images=3)
+    synthesize(bench, progress=False)
+    results = []
+    for executor in ("local", "ray"):
+        cfg = EvaluateConfig(model=str(tiny_model_dir), data=[bench.out], split="all", max_new_tokens=4,
+                             baselines=["piqe"], executor=executor, workers=2,
+                             protocol=replace(ProtocolLimits(), global_max_pixels=12544, crop_max_pixels=12544))
+        traces: list[dict] = []
+        frame, skipped = score_sets(load_sets(cfg), make_scorers(cfg, cfg.backend(cfg.model)), cfg, traces)
+        # Wall-clock seconds are the one thing two runs never share.
+        results.append((frame.drop(columns="cost_seconds").to_json(), skipped, _timeless(traces)))
+    assert len(results[0][2]) == 3
+    assert results[0] == results[1]
