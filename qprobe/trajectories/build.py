@@ -368,12 +368,10 @@ def stage1_manifest(source: str) -> pd.DataFrame | None:
         return None
     path = Path(source)
     if not path.is_file() and not (path / MANIFEST_NAME).is_file():
-        from qprobe.data.public import LOADERS
-
         folder = path.parent if path.suffix == ".parquet" else path
-        name = folder.name if folder.name in LOADERS else "NAME"
+        # The folder's name is the loader's in the profiles (data/public/kadid10k); `data import` lists them all.
         raise QProbeError(f"trajectories.stage1_source: {source} is not imported; import it with `qprobe data "
-                          f"import {name} --root RELEASE_FOLDER --out {folder}` (or set stage1_source: bench)")
+                          f"import {folder.name} --root RELEASE_FOLDER --out {folder}` (or set stage1_source: bench)")
     return read_manifest(path)
 
 
