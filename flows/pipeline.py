@@ -2,8 +2,9 @@
 
 Each stage runs as ``dvc repro --single-item STAGE`` (see :mod:`tasks.dvc_stage`), so a flow run and a
 plain ``dvc repro`` share one cache: run the flow twice and the second run does no stage work; after
-it ``dvc status`` is clean. The MLflow parent run carries the profile, the git commit, ``dvc.lock``
-and every stage's metrics, and each stage's own run nests under it (the parent's id reaches the stage
+it ``dvc status`` is clean. The MLflow parent run carries the profile, the git commit, ``dvc.lock``,
+every stage's metrics, the Prefect flow run (id and UI link), the evaluation report and the version of
+the final model it registered (``models/stage3`` as a new version of ``qprobe``), and each stage's own run nests under it (the parent's id reaches the stage
 through ``QPROBE_PARENT_RUN_ID``), so the MLflow UI compares whole pipeline runs side by side.
 
 SIGINT or SIGTERM stops the running stage's process group, ends the parent run and the stage's run
@@ -34,11 +35,14 @@ from prefect.runtime import flow_run
 
 from qprobe.config import PARAMS_FILE, load_params, repo_root, to_flat_dict
 from qprobe.profiles import apply_profile
-from qprobe.tracking import fail_orphaned_runs, stage_run, tracking_uri
+from qprobe.tracking import MODEL_NAME, fail_orphaned_runs, register_model, stage_run, tracking_uri
 from tasks.dvc_stage import StageResult, launch_stage, run_stage, stage_order, status_verdict
 
 # The stages that want accelerators; with a cluster target they run there, the rest run here.
 GPU_STAGES = ("stage1", "stage2", "stage3")
+# The pipeline's final model and the stage that writes it (dvc.yaml): registered after each run that has it.
+FINAL_STAGE, FINAL_MODEL = "stage3", "models/stage3"
+REPORT = "outputs/evaluate/report.html"
 
 
 def _metrics_of(root: Path, result: StageResult) -> dict[str, float]:
@@ -82,6 +86,22 @@ def _summary_markdown(results: list[StageResult], metrics: dict[str, float], par
     return "\n".join(lines)
 
 
+def _log_model_and_report(root: Path, selected: list[str], parent_id: str) -> str | None:
+    """Register :data:`FINAL_MODEL` as a new version (one per run that includes its stage); link the report.
+
+    Both go on the parent run: the version as a tag, the evaluation report as an artifact.
+    """
+    import mlflow
+
+    if (root / REPORT).is_file():
+        mlflow.log_artifact(str(root / REPORT))
+    if FINAL_STAGE not in selected:
+        return None
+    version = register_model(root / FINAL_MODEL, tags={"pipeline_run": parent_id}, root=root)
+    mlflow.set_tag("model.version", f"{MODEL_NAME}/{version}")
+    return version
+
+
 @flow(name="qprobe-pipeline", log_prints=True)
 def pipeline(stages: list[str] | None = None, profile: str | None = None, force: bool = False,
              root: str | None = None, target: str = "local", cluster_stages: list[str] | None = None,
@@ -112,7 +132,10 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
     results: list[StageResult] = []
     with stage_run("pipeline", {"stages": ",".join(selected), "profile": profile or "params.yaml",
                                 "force": force},
-                   tags={"prefect.flow_run_id": str(flow_run.get_id() or "")}, root=root_path) as parent:
+                   tags={"prefect.flow_run_id": str(flow_run.get_id() or ""),
+                         # the flow run in Prefect's UI, where one is served (not the temporary server)
+                         **({"prefect.flow_run_url": url} if (url := flow_run.get_flow_run_ui_url()) else {})},
+                   root=root_path) as parent:
         parent_id = parent.info.run_id
         remote = set(cluster_stages or GPU_STAGES) if target != "local" else set()
         for stage in selected:
@@ -128,8 +151,10 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
         if (root_path / "dvc.lock").is_file():
             mlflow.log_artifact(str(root_path / "dvc.lock"))
         _tag_stage_runs(parent_id, results)
+        model_version = _log_model_and_report(root_path, selected, parent_id)
     create_markdown_artifact(_summary_markdown(results, metrics, parent_id), key="qprobe-pipeline-summary")
-    return {"run_id": parent_id, "stages": {r.stage: r.ran for r in results}, "metrics": metrics}
+    return {"run_id": parent_id, "stages": {r.stage: r.ran for r in results}, "metrics": metrics,
+            "model_version": model_version}
 
 
 class Interrupted(KeyboardInterrupt):
