@@ -7,7 +7,9 @@ it ``dvc status`` is clean. The MLflow parent run carries the profile, the git c
 (:mod:`qprobe.headline`: wall time per stage, correlations, answer rate, ...) and every stage's
 metrics file in one JSON artifact (``metrics.json``); each stage's own run nests under it (the
 parent's id reaches the stage through ``QPROBE_PARENT_RUN_ID``), so MLflow's compare view shows
-what differs between whole pipeline runs.
+what differs between whole pipeline runs;
+the parent run also links the Prefect flow run (id and UI link) and carries the evaluation report and
+the version of the final model it registered (``models/stage3`` as a new version of ``qprobe``).
 
 SIGINT or SIGTERM stops the running stage's process group, ends the parent run and the stage's run
 KILLED, stops Prefect's temporary server and exits 128 + the signal number. After a SIGKILL nothing
@@ -39,11 +41,20 @@ from qprobe.config import PARAMS_FILE, load_params, repo_root, to_flat_dict
 from qprobe.eval.config import TRAINING_STAGES
 from qprobe.headline import pipeline_figures
 from qprobe.profiles import apply_profile
-from qprobe.tracking import fail_orphaned_runs, stage_run, tracking_uri, trainer_params
+from qprobe.tracking import (
+    MODEL_NAME,
+    fail_orphaned_runs,
+    register_model,
+    stage_run,
+    tracking_uri,
+    trainer_params,
+)
 from tasks.dvc_stage import StageResult, launch_stage, run_stage, stage_order, status_verdict
 
 # The stages that want accelerators; with a cluster target they run there, the rest run here.
 GPU_STAGES = ("stage1", "stage2", "stage3")
+# The pipeline's final model and the stage that writes it (dvc.yaml): registered after each run that has it.
+FINAL_STAGE, FINAL_MODEL = "stage3", "models/stage3"
 # The evaluate stage's report (its `out` in params.yaml).
 REPORT = Path("outputs/evaluate/report.html")
 
@@ -120,6 +131,22 @@ def _summary_markdown(results: list[StageResult], figures: dict[str, float], run
     return "\n".join(lines)
 
 
+def _log_model_and_report(root: Path, selected: list[str], parent_id: str) -> str | None:
+    """Register :data:`FINAL_MODEL` as a new version (one per run that includes its stage); link the report.
+
+    Both go on the parent run: the version as a tag, the evaluation report as an artifact.
+    """
+    import mlflow
+
+    if (root / REPORT).is_file():
+        mlflow.log_artifact(str(root / REPORT))
+    if FINAL_STAGE not in selected:
+        return None
+    version = register_model(root / FINAL_MODEL, tags={"pipeline_run": parent_id}, root=root)
+    mlflow.set_tag("model.version", f"{MODEL_NAME}/{version}")
+    return version
+
+
 @flow(name="qprobe-pipeline", log_prints=True)
 def pipeline(stages: list[str] | None = None, profile: str | None = None, force: bool = False,
              root: str | None = None, target: str = "local", cluster_stages: list[str] | None = None,
@@ -150,7 +177,10 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
     results: list[StageResult] = []
     with stage_run("pipeline", {"stages": ",".join(selected), "profile": profile or "params.yaml",
                                 "force": force, **_params_in_force(root_path)},
-                   tags={"prefect.flow_run_id": str(flow_run.get_id() or "")}, root=root_path) as parent:
+                   tags={"prefect.flow_run_id": str(flow_run.get_id() or ""),
+                         # the flow run in Prefect's UI, where one is served (not the temporary server)
+                         **({"prefect.flow_run_url": url} if (url := flow_run.get_flow_run_ui_url()) else {})},
+                   root=root_path) as parent:
         parent_id = parent.info.run_id
         link = mlflow_link(tracking_uri(root_path), parent.info.experiment_id, parent_id)
         logger.info("MLflow run %s: %s", parent_id, link)
@@ -173,9 +203,11 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
         if (root_path / "dvc.lock").is_file():
             mlflow.log_artifact(str(root_path / "dvc.lock"))
         _tag_stage_runs(parent_id, results)
+        model_version = _log_model_and_report(root_path, selected, parent_id)
     summary = _summary_markdown(results, figures, parent, stage_env["MLFLOW_TRACKING_URI"], root_path / REPORT)
     create_markdown_artifact(summary, key="qprobe-pipeline-summary")
-    return {"run_id": parent_id, "mlflow": link, "stages": {r.stage: r.ran for r in results}, "metrics": figures}
+    return {"run_id": parent_id, "mlflow": link, "stages": {r.stage: r.ran for r in results}, "metrics": figures,
+            "model_version": model_version}
 
 
 class Interrupted(KeyboardInterrupt):

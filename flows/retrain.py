@@ -7,7 +7,8 @@ Each run of the ``qprobe-retrain`` flow:
    ``params.yaml`` (``bench.source_version``), so the bench stage, and everything after it, re-runs,
    and the run's ``dvc.lock`` names the data it was trained on;
 3. runs the pipeline flow (all stages, ``dvc repro`` underneath);
-4. registers the new model as a version of ``qprobe`` with the alias ``challenger``, evaluates it and
+4. gives the alias ``challenger`` to the version of ``qprobe`` the pipeline run registered (or registers
+   ``model`` when it is another folder), evaluates it and
    the registered ``champion`` on the same fixed sets (the ``evaluate:`` params), and moves
    ``champion`` only if the challenger wins on ``metric`` by at least ``margin``.
 
@@ -36,7 +37,7 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.pipeline import pipeline
+from flows.pipeline import FINAL_MODEL, pipeline
 from qprobe.config import from_dict, load_params, repo_root
 from qprobe.profiles import update_params
 from qprobe.tracking import set_alias, stage_run
@@ -50,7 +51,8 @@ class RetrainConfig:
         "help": "S3 prefix of new photos (s3://bucket/prefix/); null: retrain on what is there"})
     photos: str = field(default="data/photos", metadata={
         "help": "DVC-tracked photo folder the bench reads (bench.source is set to it)"})
-    model: str = field(default="models/stage3", metadata={"help": "the pipeline's final model folder"})
+    model: str = field(default=FINAL_MODEL, metadata={
+        "help": "model folder the challenger is; the pipeline's final model is the version its run registered"})
     metric: str = field(default="bench.qprobe.srcc", metadata={
         "help": "key of the evaluate metrics that decides (any of metrics_full.json; higher is better)"})
     margin: float = field(default=0.01, metadata={"help": "how much the challenger must win by"})
@@ -97,7 +99,8 @@ def retrain(incoming: str | None = None, margin: float | None = None, metric: st
 
     with stage_run("retrain", {k: str(v) for k, v in asdict(cfg).items()}, root=root_path) as run:
         challenger = register(cfg.model, str(root_path), {"pipeline_run": result["run_id"],
-                                                          "data_version": data_version or ""})
+                                                          "data_version": data_version or ""},
+                              result["model_version"] if cfg.model == FINAL_MODEL else None)
         champion, champion_dir = champion_model(str(root_path))
         scores = {"challenger": evaluate_model(cfg.model, "challenger", str(root_path), cfg.evaluate_args,
                                                run.info.run_id)}

@@ -39,7 +39,14 @@ log = logging.getLogger(__name__)
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "qprobe"
 PARENT_ENV = "QPROBE_PARENT_RUN_ID"
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag names model training (the
+# values are the UI's ExperimentKind: genai_development, custom_model_development).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 MODEL_NAME = "qprobe"
+# The registered model's code, by path: MLflow saves the file with the model (models-from-code), and
+# importing it here would make its imports part of every stage's code.
+SERVING_CODE = Path(__file__).with_name("serving.py")
+CHECKPOINT_ARTIFACT = "checkpoint"  # the checkpoint folder's name among the model's artifacts
 # Who owns a run: the process that started it, and the repository it ran in.
 HOST_TAG = "qprobe.host"
 PID_TAG = "qprobe.pid"
@@ -66,8 +73,10 @@ def _configure(root: str | Path | None = None) -> Any:
         # A sqlite store would put artifacts in ./mlruns of whatever folder a stage runs from.
         artifacts = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
         with contextlib.suppress(mlflow.exceptions.MlflowException):  # another process made it first
-            mlflow.create_experiment(name, artifact_location=artifacts.resolve().as_uri())
-    mlflow.set_experiment(name)
+            mlflow.create_experiment(name, artifact_location=artifacts.resolve().as_uri(), tags=EXPERIMENT_TAGS)
+    experiment = mlflow.set_experiment(name)
+    if any(experiment.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):  # made elsewhere, or before
+        mlflow.set_experiment_tags(EXPERIMENT_TAGS)
     return mlflow
 
 
@@ -258,24 +267,37 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
         log.warning("artifact %s not found; not logged", path)
 
 
-def register_model(model_dir: str | Path, alias: str = "challenger", tags: Mapping[str, str] | None = None,
+def register_model(model_dir: str | Path, alias: str | None = None, tags: Mapping[str, str] | None = None,
                    root: str | Path | None = None) -> str:
-    """Log ``model_dir`` into a registration run and register it as a new version of ``qprobe``.
+    """Log ``model_dir`` as an MLflow model and register it as a new version of ``qprobe``; returns the version.
 
-    The registry keeps its own copy (the artifact store, S3 in production), so a champion outlives
-    the workspace's ``models/`` folder, which the next pipeline run overwrites. Returns the version.
+    The model is a pyfunc whose code is :mod:`qprobe.serving` (why not the transformers flavour: see
+    there) and whose artifact is the checkpoint folder, processor and chat template included; it is
+    logged in a ``register`` run (nested under the active run: the pipeline's, the retraining's).
+    Load it back with ``mlflow.pyfunc.load_model("models:/qprobe/VERSION")`` (or ``@ALIAS``). The
+    registry keeps its own copy (the artifact store, S3 in production), so a version outlives the
+    workspace's ``models/`` folder, which the next pipeline run overwrites. ``alias`` (e.g.
+    ``challenger``) moves to the new version when given.
     """
+    from importlib.metadata import version as dist_version
+
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
     mlflow = _configure(root)
-    client = mlflow.MlflowClient()
-    with contextlib.suppress(mlflow.exceptions.MlflowException):  # already registered
-        client.create_registered_model(MODEL_NAME)
     digest = content_hash(model_dir)
-    with stage_run("register", {"model_dir": str(model_dir)}, tags={"model.md5": digest}, root=root) as run:
-        mlflow.log_artifacts(str(model_dir), artifact_path="model")
-    version = client.create_model_version(MODEL_NAME, source=f"runs:/{run.info.run_id}/model",
-                                          run_id=run.info.run_id, tags={"model.md5": digest, **(tags or {})})
-    client.set_registered_model_alias(MODEL_NAME, alias, version.version)
-    return str(version.version)
+    with stage_run("register", {"model_dir": str(model_dir)}, tags={"model.md5": digest}, root=root):
+        # Pinned here: MLflow's inference of them would load the model in a subprocess.
+        requirements = [f"{dist}=={dist_version(dist)}" for dist in ("torch", "transformers", "pillow")]
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(SERVING_CODE),
+                                       artifacts={CHECKPOINT_ARTIFACT: str(model_dir)},
+                                       pip_requirements=requirements, signature=ModelSignature(
+                                           inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                                           params=ParamSchema([ParamSpec("max_new_tokens", "long", 1024)])))
+    version = mlflow.register_model(info.model_uri, MODEL_NAME, tags={"model.md5": digest, **(tags or {})}).version
+    if alias:
+        set_alias(alias, str(version), root=root)
+    return str(version)
 
 
 def model_version(alias: str, root: str | Path | None = None) -> Any | None:
@@ -288,10 +310,16 @@ def model_version(alias: str, root: str | Path | None = None) -> Any | None:
 
 
 def download_version(version: Any, dst: str | Path) -> Path:
-    """Materialise a registered version's files under ``dst``; returns the model folder."""
+    """Materialise a registered version's checkpoint under ``dst``; returns the checkpoint folder."""
     import mlflow
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst)))
+    model = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst)))
+    artifacts = mlflow.models.Model.load(str(model)).flavors["python_function"]["artifacts"]
+    return model / artifacts[CHECKPOINT_ARTIFACT]["path"]
+
+
+def tag_version(version: str, key: str, value: str, root: str | Path | None = None) -> None:
+    _configure(root).MlflowClient().set_model_version_tag(MODEL_NAME, version, key, value)
 
 
 def set_alias(alias: str, version: str, root: str | Path | None = None) -> None:

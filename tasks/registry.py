@@ -57,9 +57,14 @@ def evaluate_model(model: str, label: str, root: str, extra_args: list[str] | No
 
 
 @task(name="register-model")
-def register(model_dir: str, root: str, tags: dict[str, str]) -> str:
-    """Register ``model_dir`` as a new ``qprobe`` version with the ``challenger`` alias."""
-    return tracking.register_model(Path(root) / model_dir, alias="challenger", tags=tags, root=root)
+def register(model_dir: str, root: str, tags: dict[str, str], version: str | None = None) -> str:
+    """Give the ``challenger`` alias to ``version`` (already registered), else to ``model_dir`` registered anew."""
+    if version is None:
+        return tracking.register_model(Path(root) / model_dir, alias="challenger", tags=tags, root=root)
+    for key, value in tags.items():
+        tracking.tag_version(version, key, value, root=root)
+    tracking.set_alias("challenger", version, root=root)
+    return version
 
 
 @task(name="champion")

@@ -1,25 +1,21 @@
 """The HTML report in a real browser: headless Chromium loads it without errors and shows its tables,
-figures and gallery. CI needs the Debian package: ``apt-get update && apt-get install -y chromium``."""
+figures and gallery, offline. CI needs the Debian package: ``apt-get update && apt-get install -y chromium``."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_browser import chromium, console_lines, needs_chromium
 from fixtures_eval import ScriptedBackend, make_bench
 from PIL import Image
 
 from qprobe.eval.runner import evaluate, parse_args
 
-CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.is_file(),
-    reason="Chromium is not installed at /usr/bin/chromium (apt-get update && apt-get install -y chromium)",
-)
+pytestmark = needs_chromium
 
 
 class _Elements(HTMLParser):
@@ -53,27 +49,10 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return evaluate(cfg, backend=ScriptedBackend()).report
 
 
-def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", *args,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-
-
-def _page_errors(stderr: str) -> list[str]:
-    # Chromium 156 logs every console message of the page as INFO:CONSOLE:<line>, console.error
-    # included (older builds: ERROR:CONSOLE or CONSOLE(<line>)); the report has no script, so any
-    # console line is an error.
-    return [line for line in stderr.splitlines()
-            if "Uncaught" in line or "CONSOLE" in line or "Not allowed to load" in line]
-
-
 def test_report_dom_in_headless_chromium(report: Path, tmp_path: Path) -> None:
-    run = _chromium(tmp_path, "--dump-dom", report.as_uri())
+    run = chromium(tmp_path, "--dump-dom", report.as_uri())
     assert run.returncode == 0, run.stderr[-2000:]
-    assert _page_errors(run.stderr) == []
+    assert console_lines(run.stderr) == []
     dom = _Elements()
     dom.feed(run.stdout)
     sections = {a.get("id") for t, a in dom.tags if t == "section"}
@@ -89,10 +68,10 @@ def test_report_dom_in_headless_chromium(report: Path, tmp_path: Path) -> None:
 
 def test_report_screenshot_is_not_blank(report: Path, tmp_path: Path) -> None:
     shot = tmp_path / "report.png"
-    run = _chromium(tmp_path, "--hide-scrollbars", "--window-size=1280,3000", f"--screenshot={shot}",
-                    report.as_uri())
+    run = chromium(tmp_path, "--hide-scrollbars", "--window-size=1280,3000", f"--screenshot={shot}",
+                   report.as_uri())
     assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
-    assert _page_errors(run.stderr) == []
+    assert console_lines(run.stderr) == []
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.shape == (3000, 1280)
     assert pixels.std() > 20  # text, tables and figures, not an empty white page
@@ -103,6 +82,6 @@ def test_the_error_check_sees_page_errors(tmp_path: Path) -> None:
     page = tmp_path / "broken.html"
     page.write_text('<!DOCTYPE html><html><body><script>console.error("boom"); undefinedCall();</script>'
                     "</body></html>")
-    run = _chromium(tmp_path, "--dump-dom", page.as_uri())
-    errors = _page_errors(run.stderr)
+    run = chromium(tmp_path, "--dump-dom", page.as_uri())
+    errors = console_lines(run.stderr)
     assert any("Uncaught" in line for line in errors) and any("boom" in line for line in errors)

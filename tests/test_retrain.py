@@ -40,10 +40,10 @@ def test_registry_round_trip(tmp_path: Path) -> None:
     model.mkdir()
     (model / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
     assert tracking.model_version("champion", root=tmp_path) is None
-    first = tracking.register_model(model, tags={"pipeline_run": "abc"}, root=tmp_path)
+    first = tracking.register_model(model, alias="challenger", tags={"pipeline_run": "abc"}, root=tmp_path)
     tracking.set_alias("champion", first, root=tmp_path)
     (model / "config.json").write_text('{"model_type": "qwen2_5_vl", "v": 2}')
-    second = tracking.register_model(model, root=tmp_path)
+    second = tracking.register_model(model, alias="challenger", root=tmp_path)
     assert (first, second) == ("1", "2")
     champion = tracking.model_version("champion", root=tmp_path)
     assert str(champion.version) == "1" and champion.tags["pipeline_run"] == "abc"
