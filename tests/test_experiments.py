@@ -173,3 +173,17 @@ def test_run_makes_each_variant_a_dvc_experiment_and_a_tagged_run(tmp_path: Path
     _dvc(root, "exp", "apply", "probe-boot")  # brings the variant back
     assert yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["bootstrap"] == 7
     assert _dvc(root, "status", "--json").strip() in ("{}", "")
+
+
+def test_cli_report_of_variants_never_run_says_so_and_logs_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.setenv("QPROBE_ROOT", str(tmp_path))
+    assert cli_main(["experiments", "report", "table4"]) == 0
+    out = capsys.readouterr().out
+    assert "| degradation-only crops |  | not run |" in out and "| context-aware crops |  | not run |" in out
+    assert "not run" in (tmp_path / "outputs/experiments/table4/report.html").read_text()
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                             filter_string="tags.`qprobe.experiment` = 'table4'")[0]
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)} == {"report.md", "report.html"}
