@@ -150,8 +150,10 @@ def _log_model_and_report(root: Path, selected: list[str], parent_id: str) -> st
 @flow(name="qprobe-pipeline", log_prints=True)
 def pipeline(stages: list[str] | None = None, profile: str | None = None, force: bool = False,
              root: str | None = None, target: str = "local", cluster_stages: list[str] | None = None,
-             launch_options: dict[str, Any] | None = None) -> dict[str, Any]:
+             launch_options: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``stages`` (default: all of dvc.yaml) in dependency order under one MLflow parent run.
+
+    ``tags`` go on that parent run (``qprobe experiments run`` names the experiment and variant there).
 
     ``target`` ``kubernetes`` or ``skypilot`` sends ``cluster_stages`` (default: the training stages)
     to that cluster through ``qprobe launch`` (``launch_options``: fields of
@@ -177,7 +179,7 @@ def pipeline(stages: list[str] | None = None, profile: str | None = None, force:
     results: list[StageResult] = []
     with stage_run("pipeline", {"stages": ",".join(selected), "profile": profile or "params.yaml",
                                 "force": force, **_params_in_force(root_path)},
-                   tags={"prefect.flow_run_id": str(flow_run.get_id() or ""),
+                   tags={**(tags or {}), "prefect.flow_run_id": str(flow_run.get_id() or ""),
                          # the flow run in Prefect's UI, where one is served (not the temporary server)
                          **({"prefect.flow_run_url": url} if (url := flow_run.get_flow_run_ui_url()) else {})},
                    root=root_path) as parent:
@@ -237,7 +239,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where the training stages run (the others always run here)")
     parser.add_argument("--image", help="container image for a cluster target (default: $QPROBE_IMAGE)")
     parser.add_argument("--gpus", type=int, help="GPUs per training stage on a cluster target")
+    parser.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                        help="a tag of the pipeline's MLflow run (repeatable)")
     args = parser.parse_args(argv)
+    bad = [tag for tag in args.tag if "=" not in tag]
+    if bad:
+        parser.error(f"--tag {bad[0]!r}: expected KEY=VALUE")
     options = {k: v for k, v in {"image": args.image, "gpus": args.gpus}.items() if v is not None}
     # Python's default SIGTERM ends the process on the spot: no cleanup, and Prefect's temporary
     # server, which stops at interpreter exit, would outlive it. Exiting through main does it all.
@@ -245,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, _raise_interrupted)
     try:
         result = pipeline(stages=args.stages, profile=args.profile, force=args.force, target=args.target,
-                          launch_options=options)
+                          launch_options=options, tags=dict(tag.split("=", 1) for tag in args.tag))
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"python -m flows.pipeline: interrupted by {signal.Signals(signum).name}", file=sys.stderr)

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("qprobe.eval.runner", "SRCC/PLCC, localisation, bias probes, cost and the HTML report"),
     "launch": ("qprobe.ops.launch", "run one DVC stage here or on a GPU cluster (kubernetes, skypilot)"),
     "profile": ("qprobe.profiles", "switch params.yaml to a profile in configs/ (e.g. paper)"),
+    "experiments": ("qprobe.experiments.cli", "the paper's comparisons: list, run (DVC experiments, MLflow) and report"),
     "services": ("qprobe.ops.services", "start, stop or check the local MLflow / S3 / Prefect services"),
 }
 

@@ -11,7 +11,7 @@ data). Switching is one command, after which ``dvc params diff`` shows exactly w
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +39,41 @@ def available_profiles(root: Path) -> list[str]:
     return sorted(p.stem for p in (root / "configs").glob("*.yaml"))
 
 
-def update_params(overlay: dict[str, Any], root: str | Path | None = None, where: str = "update") -> int:
-    """Merge ``overlay`` (sections of values) into ``params.yaml`` in place; returns how many values changed."""
+def _set(params: CommentedMap, key: str, value: Any) -> int:
+    *sections, last = key.split(".")
+    node = params
+    for section in sections:
+        if not isinstance(node.get(section), dict):
+            node[section] = CommentedMap()
+        node = node[section]
+    if node.get(last) == value:
+        return 0
+    node[last] = value
+    return 1
+
+
+def _edit_params(root: str | Path | None, edit: Callable[[CommentedMap], int]) -> int:
+    """Apply ``edit`` to ``params.yaml`` in place, comments and order kept; returns what ``edit`` returns."""
     root = Path(root) if root else repo_root()
     yaml = YAML()
     yaml.preserve_quotes = True
     params_path = root / "params.yaml"
     params = yaml.load(params_path.read_text()) or CommentedMap()
-    changed = _merge(params, overlay, where)
+    changed = edit(params)
     with atomic_path(params_path) as tmp, tmp.open("w") as fh:
         yaml.dump(params, fh)
     return changed
+
+
+def update_params(overlay: dict[str, Any], root: str | Path | None = None, where: str = "update") -> int:
+    """Merge ``overlay`` (sections of values) into ``params.yaml`` in place; returns how many values changed."""
+    return _edit_params(root, lambda params: _merge(params, overlay, where))
+
+
+def set_params(values: Mapping[str, Any], root: str | Path | None = None) -> int:
+    """Set dotted keys (``stage3.rewards``) in ``params.yaml``, each value replacing the old one whole (a
+    mapping is not merged), as ``dvc exp run -S`` does; returns how many values changed."""
+    return _edit_params(root, lambda params: sum(_set(params, key, value) for key, value in values.items()))
 
 
 def apply_profile(name: str, root: str | Path | None = None) -> int:
