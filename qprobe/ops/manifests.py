@@ -149,16 +149,22 @@ JOB_SCHEMA: dict[str, Any] = {
 }
 
 
-def validate_job(manifest: str | Mapping[str, Any]) -> dict[str, Any]:
-    """Parse (if text) and check a Job manifest against :data:`JOB_SCHEMA`; returns the document."""
+def _checked(manifest: str | Mapping[str, Any], schema: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """Parse (if text) and check a manifest against ``schema``; the first error names where it is."""
     import jsonschema
 
     doc = yaml.safe_load(manifest) if isinstance(manifest, str) else dict(manifest)
-    errors = sorted(jsonschema.Draft202012Validator(JOB_SCHEMA).iter_errors(doc), key=lambda e: list(e.path))
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(doc), key=lambda e: list(e.path))
     if errors:
         first = errors[0]
         where = ".".join(str(p) for p in first.absolute_path) or "(document)"
-        raise LaunchError(f"invalid Kubernetes Job at {where}: {first.message}")
+        raise LaunchError(f"invalid {kind} at {where}: {first.message}")
+    return doc
+
+
+def validate_job(manifest: str | Mapping[str, Any]) -> dict[str, Any]:
+    """Parse (if text) and check a Job manifest against :data:`JOB_SCHEMA`; returns the document."""
+    doc = _checked(manifest, JOB_SCHEMA, "Kubernetes Job")
     for container in doc["spec"]["template"]["spec"]["containers"]:
         limits, requests = container["resources"].get("limits", {}), container["resources"].get("requests", {})
         if "nvidia.com/gpu" in requests and requests["nvidia.com/gpu"] != limits.get("nvidia.com/gpu"):
@@ -268,14 +274,7 @@ def render_raycluster(image: str, workers: int = 2, cpus: int = 4, memory_gb: in
 
 def validate_raycluster(manifest: str | Mapping[str, Any]) -> dict[str, Any]:
     """Parse (if text) and check a RayCluster against :data:`RAYCLUSTER_SCHEMA`; returns the document."""
-    import jsonschema
-
-    doc = yaml.safe_load(manifest) if isinstance(manifest, str) else dict(manifest)
-    errors = sorted(jsonschema.Draft202012Validator(RAYCLUSTER_SCHEMA).iter_errors(doc), key=lambda e: list(e.path))
-    if errors:
-        first = errors[0]
-        where = ".".join(str(p) for p in first.absolute_path) or "(document)"
-        raise LaunchError(f"invalid RayCluster at {where}: {first.message}")
+    doc = _checked(manifest, RAYCLUSTER_SCHEMA, "RayCluster")
     for group in doc["spec"]["workerGroupSpecs"]:
         low, high = group.get("minReplicas", group["replicas"]), group.get("maxReplicas", group["replicas"])
         if not low <= group["replicas"] <= high:
