@@ -25,7 +25,6 @@ Run it::
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
@@ -37,7 +36,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from qprobe.config import PARAMS_FILE, load_params, repo_root, to_flat_dict
+from qprobe.config import PARAMS_FILE, command_parser, load_params, repo_root, to_flat_dict
 from qprobe.eval.config import TRAINING_STAGES
 from qprobe.headline import pipeline_figures
 from qprobe.profiles import apply_profile
@@ -230,8 +229,7 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m flows.pipeline", __doc__)
     parser.add_argument("--stages", nargs="+", help="stages to run (default: all, in dvc.yaml order)")
     parser.add_argument("--profile", help="apply configs/PROFILE.yaml to params.yaml first (e.g. paper)")
     parser.add_argument("--force", action="store_true", help="re-run stages even when DVC finds them up to date")

@@ -26,7 +26,6 @@ One run now: ``python -m flows.retrain --incoming s3://bucket/incoming/``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import FINAL_MODEL, pipeline
-from qprobe.config import from_dict, load_params, repo_root
+from qprobe.config import command_parser, from_dict, load_params, repo_root
 from qprobe.profiles import update_params
 from qprobe.tracking import set_alias, stage_run
 from tasks.data import pull_new_photos, version_data
@@ -123,8 +122,7 @@ def retrain(incoming: str | None = None, margin: float | None = None, metric: st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m flows.retrain", __doc__)
     parser.add_argument("--incoming", help="S3 prefix of new photos (default: retrain.incoming in params.yaml)")
     parser.add_argument("--margin", type=float, help="how much the challenger must win by")
     parser.add_argument("--serve", action="store_true",

@@ -283,6 +283,13 @@ class _FullHelp(argparse.Action):
         parser.exit()
 
 
+def command_parser(prog: str, description: str | None = None, **kwargs: Any) -> argparse.ArgumentParser:
+    """An argparse parser for a command whose ``--help`` shows ``description`` (a docstring) as plain text
+    (:func:`plain_text`), its paragraphs and examples laid out as written; ``kwargs`` go to argparse."""
+    return argparse.ArgumentParser(prog=prog, description=plain_text(inspect.cleandoc(description or "")),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
 def build_parser(cls: type, prog: str, description: str | None = None, in_force: Mapping[str, Any] | None = None,
                  source: str = PARAMS_FILE, full: bool = False) -> argparse.ArgumentParser:
     """An argparse parser with one ``--flag-name`` per field of ``cls``.
@@ -297,10 +304,8 @@ def build_parser(cls: type, prog: str, description: str | None = None, in_force:
     grouped = any("group" in meta for _, _, meta in specs)
     text = plain_text(inspect.cleandoc(description or ""))
     hidden = sum("group" not in meta for _, _, meta in specs) if grouped and not full else 0
-    parser = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="%(prog)s [options]" if grouped else None,
-        description=text if full or not grouped else text.split("\n\n")[0],
+    parser = command_parser(
+        prog, text if full or not grouped else text.split("\n\n")[0], usage="%(prog)s [options]" if grouped else None,
         epilog=f"--help-all: the full description and {hidden} more options (trl's)" if hidden else None)
     parser.add_argument("--params", default=PARAMS_FILE, help="parameter file whose section gives the defaults")
     if grouped:

@@ -26,6 +26,8 @@ TRUTH: RGB = (40, 200, 80)
 PREDICTION: RGB = (240, 40, 40)
 CROP: RGB = (0, 200, 255)
 LABEL_BACKGROUND: RGB = (0, 0, 0)
+# What each colour marks, in every page's legend.
+MEANINGS: dict[RGB, str] = {TRUTH: "true defect", PREDICTION: "predicted defect", CROP: "cropped region"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,11 @@ class Mark:
 def css_colour(colour: RGB) -> str:
     """``colour`` as CSS writes it, for a page's legend of the boxes drawn on its images."""
     return "#{:02x}{:02x}{:02x}".format(*colour)
+
+
+def legend(*colours: RGB) -> list[tuple[str, str]]:
+    """A page's legend of the boxes it draws in ``colours``: ``(CSS colour, what it marks)`` each."""
+    return [(css_colour(c), MEANINGS[c]) for c in colours]
 
 
 def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

@@ -10,7 +10,6 @@ data). Switching is one command, after which ``dvc params diff`` shows exactly w
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 
-from qprobe.config import ConfigError, check_sections, repo_root
+from qprobe.config import ConfigError, check_sections, command_parser, repo_root
 from qprobe.io import atomic_path
 
 
@@ -91,8 +90,7 @@ def apply_profile(name: str, root: str | Path | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``qprobe profile NAME``: merge ``configs/NAME.yaml`` into ``params.yaml``."""
-    parser = argparse.ArgumentParser(prog="qprobe profile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("qprobe profile", __doc__)
     parser.add_argument("name", help="profile name: a file configs/NAME.yaml")
     args = parser.parse_args(argv)
     changed = apply_profile(args.name)

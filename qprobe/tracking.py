@@ -2,7 +2,9 @@
 
 The tracking URI comes from ``MLFLOW_TRACKING_URI``; by default it is ``sqlite:///mlflow.db`` in the
 repository root (MLflow 3 refuses a bare ``./mlruns`` file store), which
-``mlflow ui --backend-store-uri sqlite:///mlflow.db`` opens. When the Prefect pipeline runs a stage it
+``mlflow ui --backend-store-uri sqlite:///mlflow.db`` opens. A sqlite store keeps its artifacts in
+``mlartifacts/`` beside it; MLflow records their locations as absolute paths, so when the clone moves,
+the next run re-points them at the new place (:func:`relocate_artifacts`). When the Prefect pipeline runs a stage it
 puts its parent run id in ``QPROBE_PARENT_RUN_ID`` and the stage's run nests under it.
 
 Each stage run records: its params (its section of ``params.yaml`` in force; for a training stage,
@@ -23,7 +25,9 @@ import dataclasses
 import logging
 import os
 import socket
+import sqlite3
 import subprocess
+import urllib.parse
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -52,6 +56,11 @@ HOST_TAG = "qprobe.host"
 PID_TAG = "qprobe.pid"
 PID_START_TAG = "qprobe.pid_start"
 ROOT_TAG = "qprobe.root"
+ARTIFACTS = "mlartifacts"  # a sqlite store's artifact root, the folder beside its database file
+# The columns of MLflow's sqlite store that hold artifact locations (MLflow 3's schema).
+_ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
+                     ("model_versions", "source"))
 # Never sent to MLflow as params or tags, whatever a config holds.
 _SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential")
 
@@ -69,15 +78,50 @@ def _configure(root: str | Path | None = None) -> Any:
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
-    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
-        # A sqlite store would put artifacts in ./mlruns of whatever folder a stage runs from.
-        artifacts = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
-        with contextlib.suppress(mlflow.exceptions.MlflowException):  # another process made it first
-            mlflow.create_experiment(name, artifact_location=artifacts.resolve().as_uri(), tags=EXPERIMENT_TAGS)
+    existing = mlflow.get_experiment_by_name(name)  # first: MLflow creates or upgrades the store's tables
+    if uri.startswith("sqlite:"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        relocate_artifacts(db)
+        if existing is None:
+            # A sqlite store would put artifacts in ./mlruns of whatever folder a stage runs from.
+            with contextlib.suppress(mlflow.exceptions.MlflowException):  # another process made it first
+                mlflow.create_experiment(name, artifact_location=(db.parent / ARTIFACTS).resolve().as_uri(),
+                                         tags=EXPERIMENT_TAGS)
     experiment = mlflow.set_experiment(name)
     if any(experiment.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):  # made elsewhere, or before
         mlflow.set_experiment_tags(EXPERIMENT_TAGS)
     return mlflow
+
+
+def relocate_artifacts(db: Path) -> int:
+    """Point the artifact locations the sqlite store ``db`` records at the folder it is in now; returns the
+    rows changed.
+
+    MLflow records absolute locations: it resolves a relative ``artifact_location`` against the working
+    directory when it creates the experiment (``mlflow.utils.uri.resolve_uri_if_local``), and a run's,
+    logged model's and model version's locations extend it. The store and its ``mlartifacts/`` move
+    together with the clone, so when an experiment's ``file:`` location names an ``mlartifacts`` folder
+    that is not beside ``db``, every location under that old folder's parent is rewritten under
+    ``db``'s, in one transaction, and one log line says so. Locations elsewhere (S3, a server) are kept.
+    """
+    here = db.resolve().parent
+    with contextlib.closing(sqlite3.connect(db, timeout=60)) as con, con:
+        old_roots = {Path(urllib.parse.unquote(urllib.parse.urlsplit(location).path)).parent
+                     for (location,) in con.execute("SELECT artifact_location FROM experiments")
+                     if location and location.startswith("file:")
+                     and location.rstrip("/").endswith("/" + ARTIFACTS)}
+        total = 0
+        for old in old_roots - {here}:
+            # Both spellings MLflow writes: a file URI, and a bare path (its default experiment's ./mlruns).
+            changed = sum(con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                      f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                                      (after, len(before) + 1, before, len(before) + 1, before + "/")).rowcount
+                          for before, after in ((old.as_uri(), here.as_uri()), (str(old), str(here)))
+                          for table, column in _ARTIFACT_COLUMNS)
+            log.warning("MLflow store %s: the clone moved from %s; %d artifact location(s) now point under %s",
+                        db, old, changed, here)
+            total += changed
+    return total
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:

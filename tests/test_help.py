@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
+from qprobe.cli import COMMANDS
 from qprobe.cli import main as cli_main
 from qprobe.config import GROUPS, build_parser, parse_config, plain_text
 
@@ -80,7 +83,7 @@ def test_stage_help_is_short_grouped_and_complete(stage: str, monkeypatch: pytes
         for key in yaml.safe_load(profile.read_text()).get(stage) or {}:
             assert f"--{key.replace('_', '-')}" in text, f"{profile.name} sets {stage}.{key}, which --help hides"
     assert "--adam-beta1" not in text and "--help-all" in text  # trl's other knobs wait behind --help-all
-    assert "``" not in text and ":class:" not in text
+    assert _markup(text) == []
     assert "(params.yaml: " in text
 
 
@@ -93,4 +96,41 @@ def test_stage3_help_names_the_reward_weights_apart_from_trl_beta(monkeypatch: p
     beta = text[text.index("--beta BETA"):]
     assert beta.startswith("--beta BETA KL coefficient (trl)") and "not the paper's reward weight beta" in beta
     full = _help(capsys, "train", "stage3", "--help-all")
-    assert "--adam-beta1" in full and "Reward, decoupled" in full and "``" not in full and ":class:" not in full
+    assert "--adam-beta1" in full and "Reward, decoupled" in full and _markup(full) == []
+
+
+# reStructuredText a --help must not show: literal quotes, roles, a literal block's "::", Hugging Face links.
+MARKUP = ("``", ":class:", ":func:", ":mod:", ":meth:", ":data:", ":ref:", "[`~")
+
+
+def _markup(text: str) -> list[str]:
+    """The reStructuredText left in ``text``: each marker found, and each line ending in ``::``."""
+    return [m for m in MARKUP if m in text] + [line for line in text.splitlines() if line.rstrip().endswith("::")]
+
+
+# Every command but the training stages (test_stage_help_is_short_grouped_and_complete checks those), and
+# the sub-commands of those that have them; the flows' own entry points.
+COMMAND_HELP = [c.split() for c in COMMANDS if not c.startswith("train ")] + [
+    ["experiments", "run"], ["experiments", "report"], ["services", "up"], ["launch", "local", "bench"]]
+
+
+@pytest.mark.parametrize("argv", COMMAND_HELP, ids=" ".join)
+def test_no_command_help_shows_restructuredtext(argv: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(ROOT)
+    assert len(COMMAND_HELP) >= len(COMMANDS)  # a command added to the CLI is checked here too
+    with pytest.raises(SystemExit) as done:
+        sys.exit(cli_main([*argv, "--help"]))
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: qprobe " + argv[0]) and _markup(text) == []
+
+
+@pytest.mark.parametrize("flow", ["flows.pipeline", "flows.retrain"])
+def test_no_flow_help_shows_restructuredtext(flow: str, capsys: pytest.CaptureFixture[str]) -> None:
+    module = importlib.import_module(flow)
+    with pytest.raises(SystemExit) as done:
+        module.main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: python -m {flow}") and _markup(text) == []

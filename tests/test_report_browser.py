@@ -1,5 +1,5 @@
 """The HTML report in a real browser: headless Chromium loads it without errors and shows its tables,
-figures and gallery, offline. CI needs the Debian package: ``apt-get update && apt-get install -y chromium``."""
+figures and gallery, offline, with thumbnails that open the full images. CI needs the Debian package: ``apt-get update && apt-get install -y chromium``."""
 
 from __future__ import annotations
 
@@ -85,3 +85,29 @@ def test_the_error_check_sees_page_errors(tmp_path: Path) -> None:
     run = chromium(tmp_path, "--dump-dom", page.as_uri())
     errors = console_lines(run.stderr)
     assert any("Uncaught" in line for line in errors) and any("boom" in line for line in errors)
+
+
+# Appended to a copy of the report: what Chromium lays out, written where --dump-dom shows it.
+MEASURE = ("<script>document.body.dataset.widths = [...document.querySelectorAll('.gallery a img')]"
+           ".map(i => Math.round(i.getBoundingClientRect().width)).join(' ');</script></body>")
+
+
+def test_gallery_thumbnails_are_large_and_open_the_full_images_beside_the_report(report: Path,
+                                                                                 tmp_path: Path) -> None:
+    import pandas as pd
+
+    measured = report.with_name("measured.html")  # beside the report: its relative links resolve the same
+    measured.write_text(report.read_text().replace("</body>", MEASURE))
+    run = chromium(tmp_path, "--window-size=1280,2000", "--dump-dom", measured.as_uri())
+    assert run.returncode == 0 and console_lines(run.stderr) == [], run.stderr[-2000:]
+    dom = _Elements()
+    dom.feed(run.stdout)
+    links = [a["href"] for t, a in dom.tags if t == "a" and (a.get("href") or "").startswith("report_images/")]
+    thumbs = [a for t, a in dom.tags if t == "img" and (a.get("src") or "").startswith("data:image/jpeg")]
+    widths = [int(w) for w in next(a["data-widths"] for t, a in dom.tags if t == "body").split()]
+    assert len(links) == len(thumbs) == len(widths) == 8
+    photos = dict(pd.read_csv(report.parent / "predictions.csv")[["id", "image"]].itertuples(index=False))
+    for href, thumb, width in zip(links, thumbs, widths, strict=True):
+        with Image.open(report.parent / href) as full, Image.open(photos[thumb["alt"]]) as photo:
+            assert full.size == photo.size  # the whole photo, not the thumbnail again
+        assert width >= min(500, photo.width)  # shown larger than the 400 pixels it was

@@ -139,3 +139,39 @@ def test_more_than_a_batch_of_params_is_logged_in_full(root: Path) -> None:
     logged = mlflow.get_run(run.info.run_id).data.params
     assert len(logged) == 251 and logged["section.key_249"] == "249"
     assert len(logged["section.long"]) == 6000 and logged["section.long"].endswith("...")
+
+
+@pytest.mark.slow
+def test_a_moved_clone_keeps_its_runs_and_model_versions_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from repo_copy import copy_repo
+
+    from qprobe.tracking import log_artifact, model_version, register_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the repository's own store, mlflow.db at its root
+    before = copy_repo((tmp_path / "before").resolve())
+    (before / "note.txt").write_text("logged before the move")
+    checkpoint = before / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"tiny": true}')
+    with stage_run("evaluate", root=before) as run:
+        log_artifact(before / "note.txt")
+    register_model(checkpoint, alias="champion", root=before)
+
+    after = tmp_path / "elsewhere" / "after"
+    after.parent.mkdir()
+    before.rename(after)  # nothing is left at the old path to read from
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # as a new process in the moved clone (MLflow set it to the old store)
+    with caplog.at_level(logging.WARNING, logger="qprobe.tracking"):
+        version = model_version("champion", root=after)  # any use of the store re-points it
+    assert f"the clone moved from {before}" in caplog.text
+    note = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="note.txt",
+                                               dst_path=str(tmp_path / "run"))
+    assert Path(note).read_text() == "logged before the move"
+    assert mlflow.get_run(run.info.run_id).info.artifact_uri.startswith(after.as_uri() + "/mlartifacts/")
+    model = mlflow.artifacts.download_artifacts(f"models:/qprobe/{version.version}", dst_path=str(tmp_path / "m"))
+    assert sorted(p.name for p in Path(model).rglob("config.json")) == ["config.json"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qprobe.tracking"), stage_run("again", root=after):
+        pass
+    assert "moved" not in caplog.text  # once re-pointed, the store is left alone

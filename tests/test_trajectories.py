@@ -54,6 +54,7 @@ def test_sets_counts_and_ratio(built) -> None:
     sft = load_from_disk(str(Path(cfg.out) / "sft"))
     assert sorted(set(sft["kind"])) == ["high", "low"]
     assert (Path(cfg.out) / "samples.html").read_text().count("<img") >= 5
+    assert len(list((Path(cfg.out) / "samples_images").glob("*.jpg"))) >= 5  # what the thumbnails open
 
 
 def test_each_set_records_the_protocol_limits_it_was_built_under(built) -> None:

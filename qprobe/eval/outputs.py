@@ -30,7 +30,8 @@ from qprobe.io import write_json_atomic, write_text_atomic
 
 FULL_METRICS = "metrics_full.json"
 # Every name `qprobe evaluate` writes in its output folder (the report included).
-OUTPUT_NAMES = ("report.html", "predictions.csv", "plots", "traces.jsonl", "probes.json", FULL_METRICS)
+OUTPUT_NAMES = ("report.html", "report_images", "predictions.csv", "plots", "traces.jsonl", "probes.json",
+                FULL_METRICS)
 # What the DVC metrics file keeps of each method on each set: the headline and SRCC's interval, the
 # image count and the boxes' mean IoU.
 SUMMARY = (*EVALUATE_FIGURES, "n", "srcc_low", "srcc_high", "loc.mean_iou")

@@ -4,15 +4,15 @@
 outcomes and parse failures, localisation, cost per image, the probes, the figures
 (:mod:`qprobe.eval.figures`) and a gallery of the worst and best cases with the true (green) and
 predicted (red) defect boxes and the regions the agent cropped (cyan). The page is
-``templates/report.html.jinja`` (autoescaped, with the shared stylesheet). Everything is inlined
+``templates/report.html.jinja`` (autoescaped, with the shared stylesheet). What it shows is inlined
 (PNG and JPEG as base64 data URLs, CSS in the page, no script), so the file can be mailed, attached
-to an MLflow run or opened offline.
+to an MLflow run or opened offline; a gallery thumbnail opens its full-size image, with the same
+boxes, from ``report_images/`` beside the page (:class:`qprobe.pages.Pictures`).
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import math
 import sys
@@ -25,16 +25,15 @@ from typing import Any, ClassVar
 import pandas as pd
 from markupsafe import Markup
 
-from qprobe.draw import CROP, PREDICTION, TRUTH, Mark, css_colour, draw_marks, fit
+from qprobe.draw import CROP, PREDICTION, TRUTH, Mark, legend
 from qprobe.errors import QProbeError
 from qprobe.eval.metrics import HEADLINE
 from qprobe.eval.probes import ProbeResult
 from qprobe.io import content_hash, load_image, write_text_atomic
-from qprobe.pages import render_page
+from qprobe.pages import Picture, Pictures, render_page
 
 log = logging.getLogger(__name__)
 
-THUMB_SIDE = 400
 GALLERY_METHODS = ("qprobe", "piqe_patch")
 LABELS = {"qprobe": "Q-Probe", "no_tool": "same model, tool disabled", "piqe": "PIQE (global)",
           "piqe_patch": "PIQE (worst tiles)"}
@@ -114,7 +113,7 @@ class Plot:
 @dataclass(frozen=True)
 class Card:
     id: str
-    src: str  # a data URL, or "" when the image could not be read
+    picture: Picture | None  # None when the image could not be read
     mos: str
     verdict: str
     true: str
@@ -276,22 +275,19 @@ def _probes(data: ReportData) -> list[Block]:
     return parts
 
 
-def _thumbnail(row: pd.Series) -> str:
+def _picture(row: pd.Series, pictures: Pictures) -> Picture | None:
     try:
         image = load_image(row["image"])
     except QProbeError as exc:
         log.warning("gallery: %s", exc)
-        return ""
-    thumb, scale = fit(image, THUMB_SIDE)
-    draw_marks(thumb, [*(Mark(crop, CROP) for crop in row["crops"]),
-                       *(Mark(d["bbox"], TRUTH) for d in row["true_defects"]),
-                       *(Mark(d["bbox"], PREDICTION, d["type"]) for d in row["defects"])], scale=scale)
-    buffer = io.BytesIO()
-    thumb.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        return None
+    return pictures.add(image, f"{row['method']}_{row['set']}_{row['id']}",
+                        [*(Mark(crop, CROP) for crop in row["crops"]),
+                         *(Mark(d["bbox"], TRUTH) for d in row["true_defects"]),
+                         *(Mark(d["bbox"], PREDICTION, d["type"]) for d in row["defects"])])
 
 
-def _card(row: pd.Series) -> Card:
+def _card(row: pd.Series, pictures: Pictures) -> Card:
     if row["score"] is not None and is_finite(row["score"]):
         verdict = f"predicted {number(row['score'], 2)}, error {number(abs(row['score'] - row['mos']), 2)}"
     else:
@@ -299,12 +295,11 @@ def _card(row: pd.Series) -> Card:
         verdict = f"no score ({reason})"
     true = ", ".join(f"{d['type']} s{d['severity']}" for d in row["true_defects"]) or "none"
     predicted = ", ".join(d["type"] for d in row["defects"]) or "none"
-    return Card(str(row["id"]), _thumbnail(row), number(row["mos"], 2), verdict, true, predicted)
+    return Card(str(row["id"]), _picture(row, pictures), number(row["mos"], 2), verdict, true, predicted)
 
 
-def _gallery(data: ReportData) -> list[Block]:
-    parts: list[Block] = [Legend([(css_colour(TRUTH), "true defect"), (css_colour(PREDICTION), "predicted defect"),
-                                  (css_colour(CROP), "region the agent cropped")])]
+def _gallery(data: ReportData, pictures: Pictures) -> list[Block]:
+    parts: list[Block] = [Legend(legend(TRUTH, PREDICTION, CROP))]
     frame = data.predictions
     for method in (m for m in GALLERY_METHODS if m in data.methods):
         for set_name in data.sets:
@@ -315,15 +310,15 @@ def _gallery(data: ReportData) -> list[Block]:
             title = f"{method_label(method)} on {set_name}"
             if answered.empty:
                 shown = part.head(data.gallery)
-                parts.append(Gallery(f"{title}: unanswered", [_card(r) for _, r in shown.iterrows()]))
+                parts.append(Gallery(f"{title}: unanswered", [_card(r, pictures) for _, r in shown.iterrows()]))
                 continue
             answered["error"] = (answered["score"].astype(float) - answered["mos"]).abs()
             ranked = answered.sort_values("error", ascending=False)
             worst = ranked.head(data.gallery)
             best = ranked.iloc[len(worst):].tail(data.gallery).iloc[::-1]
-            parts.append(Gallery(f"{title}: worst", [_card(r) for _, r in worst.iterrows()]))
+            parts.append(Gallery(f"{title}: worst", [_card(r, pictures) for _, r in worst.iterrows()]))
             if len(best):
-                parts.append(Gallery(f"{title}: best", [_card(r) for _, r in best.iterrows()]))
+                parts.append(Gallery(f"{title}: best", [_card(r, pictures) for _, r in best.iterrows()]))
     return parts
 
 
@@ -353,7 +348,7 @@ def _mlflow_run_id() -> str:
 
 
 def write_report(data: ReportData, figures: dict[str, Path], path: Path) -> Path:
-    """Write the self-contained HTML report to ``path``; returns it."""
+    """Write the HTML report to ``path`` and its gallery's full-size images beside it; returns ``path``."""
     from qprobe.tracking import git_commit
 
     commit = git_commit() or "unknown"
@@ -370,7 +365,7 @@ def write_report(data: ReportData, figures: dict[str, Path], path: Path) -> Path
         ("cost", "Cost per image", _cost(data)),
         ("probes", "Probes", _probes(data)),
         ("training", "Training curves", _training(data, figures)),
-        ("gallery", "Gallery: worst and best cases", _gallery(data)),
+        ("gallery", "Gallery: worst and best cases", _gallery(data, Pictures(path))),
         ("config", "Configuration", [Table(["parameter", "value"], [[k, str(v)] for k, v in data.config.items()])]),
     ]
     page = render_page("report.html.jinja", title=data.title, data=data, sections=sections, images=images,

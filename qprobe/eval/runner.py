@@ -25,7 +25,8 @@ Outputs (``--out DIR``, :mod:`qprobe.eval.outputs`): ``predictions.csv`` (one ro
 method), ``traces.jsonl`` (every agent turn), ``probes.json``, ``plots/`` (DVC plot data: predicted
 score against MOS and the per-type and per-severity statistics per set, and the training curves;
 and the report's figures as PNG, :mod:`qprobe.eval.figures`) and ``report.html``, a self-contained report
-(:mod:`qprobe.eval.report`), and ``metrics_full.json``, every metric as one flat JSON object,
+(:mod:`qprobe.eval.report`) whose gallery opens full-size images in ``report_images/``, and
+``metrics_full.json``, every metric as one flat JSON object,
 ``{"<set>.<method>.<metric>": value}``, undefined values as ``null``. The metrics file
 (``metrics/evaluate.json``) is its summary, nested (:func:`qprobe.eval.outputs.summary_metrics`), so
 ``dvc metrics show`` stays readable. The stage's MLflow run logs the headline figures
@@ -68,6 +69,7 @@ from qprobe.eval.report import ReportData, write_report
 from qprobe.eval.scoring import load_sets, make_scorers, score_sets
 from qprobe.eval.summary import all_metrics
 from qprobe.io import check_out_vs_in, check_owned, mark_owned, write_json_atomic
+from qprobe.pages import pictures_folder
 
 
 @dataclass
@@ -148,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         qprobe evaluate --model models/stage3 --data my_photos/manifest.parquet --split all --baselines piqe no_tool
 
     Writes ``OUT/report.html``, ``OUT/predictions.csv``, ``OUT/traces.jsonl``, ``OUT/probes.json``,
-    ``OUT/metrics_full.json``, ``OUT/plots/`` and the metrics file (``metrics/evaluate.json``).
+    ``OUT/metrics_full.json``, ``OUT/plots/``, ``OUT/report_images/`` and the metrics file (``metrics/evaluate.json``).
     """
     from qprobe.headline import capped, evaluate_figures
     from qprobe.tracking import log_artifact, log_dataset, log_metrics, stage_run
@@ -167,8 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in (result.report, Path(cfg.metrics), out / FULL_METRICS, out / "predictions.csv",
                      out / "probes.json"):
             log_artifact(path)
-        for path in sorted((out / "plots").glob("*")):
-            log_artifact(path, artifact_path="plots")
+        for folder in (out / "plots", pictures_folder(result.report)):
+            for path in sorted(folder.glob("*")):
+                log_artifact(path, artifact_path=folder.name)
     for name in dict.fromkeys(result.predictions["set"]):
         srcc, answered = (result.metrics.get(f"{name}.{MODEL}.{k}") for k in ("srcc", "answer_rate"))
         print(f"evaluate {name}: SRCC {_fmt(srcc)}, answer rate {_fmt(answered)}")

@@ -10,10 +10,9 @@ Examples::
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
-from qprobe.config import repo_root
+from qprobe.config import command_parser, repo_root
 from qprobe.experiments.registry import exp_name, experiment, experiments
 
 REPORTS_HELP = "writes outputs/experiments/NAME/report.md and report.html"
@@ -46,8 +45,7 @@ def _report(name: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qprobe experiments", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("qprobe experiments", __doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="every experiment, the paper's figure it reproduces, its variants")
     run = commands.add_parser("run", help=f"run every variant as a DVC experiment and an MLflow run; {REPORTS_HELP}")

@@ -54,12 +54,12 @@ from qprobe.io import (
     load_image,
     mark_owned,
     write_json_atomic,
-    write_text_atomic,
 )
+from qprobe.pages import pictures_folder
 from qprobe.trajectories import composer
 from qprobe.trajectories.config import TrajectoriesConfig
 from qprobe.trajectories.planner import plan_crops
-from qprobe.trajectories.samples import samples_html
+from qprobe.trajectories.samples import SAMPLES_PAGE, write_samples
 from qprobe.trajectories.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
     root = root or Path.cwd()
     out = Path(cfg.out)
     # The finished sets replace the whole folder: it must be one this command wrote.
-    check_owned(out, "trajectories", known=(*SETS, "samples.html"))
+    check_owned(out, "trajectories", known=(*SETS, SAMPLES_PAGE, pictures_folder(Path(SAMPLES_PAGE)).name))
     public = stage1_manifest(cfg.stage1_source)  # first: a set not imported fails before any work
     manifest = read_manifest(cfg.bench)
     manifest_path = Path(manifest.attrs["path"])
@@ -344,7 +344,7 @@ def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
     for name, records in (("stage1", stage1), ("sft", sft), ("rl", rl)):
         Dataset.from_list(records, features=_sft_features() if name == "sft" else None).save_to_disk(str(staging / name))
         write_limits(staging / name, cfg.protocol)  # what the training stages check the set against
-    write_text_atomic(staging / "samples.html", samples_html(sft, cfg.samples_html))
+    write_samples(sft, cfg.samples_html, staging / SAMPLES_PAGE)
     mark_owned(staging, "trajectories")
     # Swap in the finished folder in one rename, so a killed run never leaves a half-written set.
     shutil.rmtree(out, ignore_errors=True)
@@ -400,7 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in SETS:
             log_dataset(Path(cfg.out) / name, f"probe-{name}", "output")
         log_metrics(counts)
-        log_artifact(Path(cfg.out) / "samples.html")
+        page = Path(cfg.out) / SAMPLES_PAGE
+        log_artifact(page)
+        for path in sorted(pictures_folder(page).glob("*")):
+            log_artifact(path, artifact_path=pictures_folder(page).name)
         write_json_atomic(cfg.metrics, counts)
     print(f"trajectories: {counts['sft']} SFT ({counts['sft_high']} high / {counts['sft_low']} low resolution), "
           f"{counts['rl']} RL prompts, {counts['stage1']} stage-1 samples -> {cfg.out}")
