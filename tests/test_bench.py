@@ -96,11 +96,11 @@ def test_killed_run_resumes_without_redoing_finished_images(tmp_path, tiny_photo
     cfg = _config(tmp_path, tiny_photos, out="run")
     real_save, saved = bench._save, []
 
-    def save_then_die(pixels, path, fmt):
+    def save_then_die(pixels, out, rel, fmt):
         if len(saved) == 4:
             raise KeyboardInterrupt  # the stage is killed while writing its fifth image
-        real_save(pixels, path, fmt)
-        saved.append(path)
+        real_save(pixels, out, rel, fmt)
+        saved.append(rel)
 
     monkeypatch.setattr(bench, "_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
@@ -136,11 +136,11 @@ def _kill_after(monkeypatch, images: int) -> None:
     """Make the next synthesis die (KeyboardInterrupt) while writing image ``images + 1``."""
     real_save, saved = bench._save, []
 
-    def save_then_die(pixels, path, fmt):
+    def save_then_die(pixels, out, rel, fmt):
         if len(saved) == images:
             raise KeyboardInterrupt
-        real_save(pixels, path, fmt)
-        saved.append(path)
+        real_save(pixels, out, rel, fmt)
+        saved.append(rel)
 
     monkeypatch.setattr(bench, "_save", save_then_die)
 
