@@ -261,6 +261,16 @@ def test_missing_or_empty_source_fails_cleanly_through_the_cli(tmp_path, capsys)
         assert not out.exists() and not metrics.exists()
 
 
+def test_an_s3_out_inside_the_s3_source_is_refused_before_anything_is_read(tmp_path, capsys):
+    metrics = tmp_path / "m.json"
+    code = cli.main(["bench", "--source", "s3://b/photos", "--out", "s3://b/photos/bench", "--metrics", str(metrics)])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "qprobe bench: error: --out s3://b/photos/bench: is inside the input prefix s3://b/photos; choose an "
+        "output prefix apart from the inputs (nothing was written)")
+    assert not metrics.exists()
+
+
 def test_a_source_with_no_usable_photo_writes_nothing(tmp_path, awkward_images):
     unusable = tmp_path / "unusable"
     unusable.mkdir()
