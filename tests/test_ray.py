@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from qprobe import storage
+from qprobe import cli, storage
 from qprobe.bench import outputs
 from qprobe.bench.config import BenchConfig
 from qprobe.bench.synthesize import synthesize
@@ -217,18 +217,27 @@ def _s3_config(tmp_path: Path, prefix: str, out: str, **overrides: object) -> Be
     return BenchConfig(**values)
 
 
-def test_bench_from_s3_to_s3_equals_a_local_bench_byte_for_byte(tmp_path: Path, s3_photos: str) -> None:
+def test_bench_from_s3_to_s3_equals_a_local_bench_byte_for_byte(tmp_path: Path, s3_photos: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the CLI runs the built-in defaults, as the config does
     local = _s3_config(tmp_path, s3_photos, str(tmp_path / "local"))
     synthesize(local, progress=False)
     expected = _files(Path(local.out))
     assert len(expected) == 13  # 5 images, 5 records, manifest, contact sheet, ledger
     for executor in ("local", "ray"):
-        cfg = _s3_config(tmp_path, s3_photos, f"{s3_photos}/bench-{executor}", executor=executor, workers=2)
-        result = synthesize(cfg, progress=False)
-        assert result.manifest == f"{cfg.out}/manifest.parquet"
-        got = _objects(f"{cfg.out}/")
+        out = f"{s3_photos}/bench-{executor}"
+        # Through the CLI, as a user runs it: the MLflow run gets the contact sheet fetched back from S3.
+        assert cli.main(["bench", "--source", local.source, "--out", out, "--metrics", local.metrics,
+                         "--num-images", "5", "--min-size", "200", "--contact-sheet-size", "4",
+                         "--executor", executor, "--workers", "2"]) == 0
+        got = _objects(f"{out}/")
         assert got.keys() == expected.keys(), executor
         assert [name for name in got if got[name] != expected[name]] == [], executor
+    import mlflow
+
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 2 and all(
+        "contact_sheet.jpg" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)} for run in runs)
 
 
 def test_bench_on_s3_resumes_and_deletes_only_the_objects_its_ledger_lists(tmp_path: Path, s3_photos: str) -> None:
