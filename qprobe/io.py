@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from qprobe import storage
 from qprobe.errors import QProbeError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp"})
@@ -101,24 +102,34 @@ def check_out_vs_in(out: str | Path, *inputs: str | Path | None, what: str) -> N
 
     Call it before anything is written: a command whose output folder overlaps its input would
     overwrite or prune the very files it reads. Paths are compared after resolving symlinks and
-    ``..``, by whole components, so ``/a/photos2`` is not inside ``/a/photos``. ``what`` names the
-    flag of the output in the message (``--out``).
+    ``..``, by whole components, so ``/a/photos2`` is not inside ``/a/photos``; ``s3://bucket/prefix``
+    locations are compared the same way, by bucket and key components (an S3 location never overlaps
+    a local one). ``what`` names the flag of the output in the message (``--out``).
     """
-    target = Path(out).resolve()
+    target = _location_parts(out)
     for given in inputs:
         if given is None:
             continue
-        source = Path(given).resolve()
+        source = _location_parts(given)
         if target == source:
             relation = "is"
-        elif target.is_relative_to(source):
+        elif target[: len(source)] == source:
             relation = "is inside"
-        elif source.is_relative_to(target):
+        elif source[: len(target)] == target:
             relation = "contains"
         else:
             continue
-        raise OutputOverlapError(f"{what} {out}: {relation} the input folder {given}; choose an output folder "
+        kind = "prefix" if storage.is_s3_uri(str(given)) else "folder"
+        raise OutputOverlapError(f"{what} {out}: {relation} the input {kind} {given}; choose an output {kind} "
                                  "apart from the inputs (nothing was written)")
+
+
+def _location_parts(location: str | Path) -> tuple[str, ...]:
+    """A folder's resolved path components, or ``("s3://", bucket, *key components)`` for an S3 location."""
+    if storage.is_s3_uri(str(location)):
+        bucket, prefix = storage.parse_s3_uri(str(location))
+        return (storage.SCHEME, bucket, *(part for part in prefix.split("/") if part))
+    return Path(location).resolve().parts
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -237,8 +248,13 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as the JSON every file of the pipeline holds: indented, keys sorted, a final newline."""
+    return (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode("utf-8")
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    write_bytes_atomic(path, json_bytes(obj))
 
 
 def _json_default(obj: Any) -> Any:
@@ -251,14 +267,20 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def encode_image(img: Image.Image, name: str | Path, **save_kwargs: Any) -> bytes:
+    """``img`` encoded in the format of ``name``'s suffix: the bytes a save to that file would write."""
+    suffix = PurePosixPath(str(name)).suffix
+    fmt = Image.registered_extensions().get(suffix.lower())
+    if fmt is None:
+        raise ImageError(f"{name}: unknown image suffix {suffix!r}")
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **save_kwargs)
+    return buffer.getvalue()
+
+
 def save_image_atomic(img: Image.Image, path: str | Path, **save_kwargs: Any) -> None:
     """Save ``img`` to ``path`` (format from the suffix) in one atomic rename."""
-    path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ImageError(f"{path}: unknown image suffix {path.suffix!r}")
-    with atomic_path(path) as tmp:
-        img.save(tmp, format=fmt, **save_kwargs)
+    write_bytes_atomic(path, encode_image(img, path, **save_kwargs))
 
 
 def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:

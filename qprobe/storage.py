@@ -1,4 +1,4 @@
-"""S3 through boto3: parse ``s3://bucket/prefix``, list, download and upload.
+"""S3 through boto3: parse ``s3://bucket/prefix``, list, download, upload and delete.
 
 The client is configured from the standard AWS environment (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``, ``AWS_PROFILE`` and
@@ -30,6 +30,10 @@ _MAX_BACKOFF_S = 20.0
 
 class StorageError(QProbeError, OSError):
     """An S3 location that cannot be parsed, reached or read."""
+
+
+class ObjectNotFound(StorageError, FileNotFoundError):
+    """An S3 object that is not there: a caller handles it as it handles a missing local file."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,8 @@ def _error(uri: str, exc: Exception) -> StorageError:
         code = err.get("Code", "error")
         reason = {"NoSuchBucket": "bucket not found", "NoSuchKey": "no such object", "404": "not found",
                   "AccessDenied": "access denied", "403": "access denied"}.get(code, err.get("Message") or code)
-        return StorageError(f"{uri}: {reason} ({code})")
+        kind = ObjectNotFound if code in ("NoSuchKey", "404") else StorageError
+        return kind(f"{uri}: {reason} ({code})")
     if isinstance(exc, BotoCoreError):
         # botocore's messages name the endpoint or the missing setting, never a secret.
         return StorageError(f"{uri}: {exc}")
@@ -147,15 +152,46 @@ def list_objects(uri: str, suffixes: frozenset[str] | None = None) -> Iterator[S
         raise _error(uri, exc) from exc
 
 
-def download_bytes(uri: str) -> bytes:
-    """The whole object at ``uri``."""
+def download_bytes(uri: str, first: int | None = None) -> bytes:
+    """The whole object at ``uri``, or only its ``first`` bytes (a header); :class:`ObjectNotFound` if absent."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = parse_s3_uri(uri)
+    extra = {"Range": f"bytes=0-{first - 1}"} if first else {}
     try:
-        return client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return client().get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
     except (ClientError, BotoCoreError) as exc:
         raise _error(uri, exc) from exc
+
+
+def upload_bytes(data: bytes, uri: str) -> str:
+    """Write ``data`` as the object ``uri`` in one PUT (a reader sees the old object or the new, never part); returns ``uri``."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _object_key(uri)
+    try:
+        client().put_object(Bucket=bucket, Key=key, Body=data)
+    except (ClientError, BotoCoreError) as exc:
+        raise _error(uri, exc) from exc
+    return uri
+
+
+def delete_object(uri: str) -> None:
+    """Delete the object ``uri``; an object that is not there is not an error (S3's own rule)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _object_key(uri)
+    try:
+        client().delete_object(Bucket=bucket, Key=key)
+    except (ClientError, BotoCoreError) as exc:
+        raise _error(uri, exc) from exc
+
+
+def _object_key(uri: str) -> tuple[str, str]:
+    bucket, key = parse_s3_uri(uri)
+    if not key or key.endswith("/"):
+        raise StorageError(f"{uri}: needs an object key, not a prefix")
+    return bucket, key
 
 
 def download_file(uri: str, path: str | Path) -> Path:
@@ -179,9 +215,7 @@ def upload_file(path: str | Path, uri: str) -> str:
     from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket, key = parse_s3_uri(uri)
-    if not key or key.endswith("/"):
-        raise StorageError(f"{uri}: upload needs an object key, not a prefix")
+    bucket, key = _object_key(uri)
     if not Path(path).is_file():
         raise StorageError(f"{path}: no such file to upload")
     try:

@@ -96,11 +96,11 @@ def test_killed_run_resumes_without_redoing_finished_images(tmp_path, tiny_photo
     cfg = _config(tmp_path, tiny_photos, out="run")
     real_save, saved = bench._save, []
 
-    def save_then_die(pixels, path, fmt):
+    def save_then_die(pixels, out, rel, fmt):
         if len(saved) == 4:
             raise KeyboardInterrupt  # the stage is killed while writing its fifth image
-        real_save(pixels, path, fmt)
-        saved.append(path)
+        real_save(pixels, out, rel, fmt)
+        saved.append(rel)
 
     monkeypatch.setattr(bench, "_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
@@ -136,11 +136,11 @@ def _kill_after(monkeypatch, images: int) -> None:
     """Make the next synthesis die (KeyboardInterrupt) while writing image ``images + 1``."""
     real_save, saved = bench._save, []
 
-    def save_then_die(pixels, path, fmt):
+    def save_then_die(pixels, out, rel, fmt):
         if len(saved) == images:
             raise KeyboardInterrupt
-        real_save(pixels, path, fmt)
-        saved.append(path)
+        real_save(pixels, out, rel, fmt)
+        saved.append(rel)
 
     monkeypatch.setattr(bench, "_save", save_then_die)
 
@@ -259,6 +259,16 @@ def test_missing_or_empty_source_fails_cleanly_through_the_cli(tmp_path, capsys)
         assert code == 2
         assert err[-1].startswith(f"qprobe bench: error: {source}: {message}")
         assert not out.exists() and not metrics.exists()
+
+
+def test_an_s3_out_inside_the_s3_source_is_refused_before_anything_is_read(tmp_path, capsys):
+    metrics = tmp_path / "m.json"
+    code = cli.main(["bench", "--source", "s3://b/photos", "--out", "s3://b/photos/bench", "--metrics", str(metrics)])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "qprobe bench: error: --out s3://b/photos/bench: is inside the input prefix s3://b/photos; choose an "
+        "output prefix apart from the inputs (nothing was written)")
+    assert not metrics.exists()
 
 
 def test_a_source_with_no_usable_photo_writes_nothing(tmp_path, awkward_images):

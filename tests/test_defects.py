@@ -15,6 +15,7 @@ from qprobe.agent import protocol
 from qprobe.bench import degradations
 from qprobe.bench.config import BenchConfig
 from qprobe.bench.contact_sheet import make_contact_sheet
+from qprobe.bench.outputs import BenchOut
 from qprobe.bench.synthesize import synthesize
 from qprobe.defects import DefectType
 from qprobe.trajectories import composer
@@ -60,7 +61,7 @@ def test_the_contact_sheet_draws_a_registered_type_in_its_colour(fog, tmp_path: 
     Image.new("RGB", (400, 300), (128, 128, 128)).save(tmp_path / "flat.png")
     record = {"id": "flat", "image": "flat.png", "width": 400, "height": 300, "mos": 3.0,
               "defects": [{"type": "fog", "severity": 2, "bbox": [40, 100, 360, 280]}]}
-    sheet = np.asarray(Image.open(make_contact_sheet([record], tmp_path, tmp_path / "sheet.jpg")), dtype=float)
+    sheet = np.asarray(Image.open(make_contact_sheet([record], BenchOut(str(tmp_path)), "sheet.jpg")), dtype=float)
     edge = sheet[6 + 223: 6 + 225, 6 + 40: 6 + 280].mean(axis=(0, 1))  # bottom edge (y 224 at 0.8 scale), 2 px
     nearest = min(defects.TYPES.values(), key=lambda t: np.abs(edge - t.colour).sum())
     assert nearest is FOG, edge

@@ -145,6 +145,25 @@ def test_out_beside_an_input_sharing_its_prefix_is_fine(tmp_path):
     check_out_vs_in(tmp_path / "out", what="--out")
 
 
+@pytest.mark.parametrize(("out", "given", "relation"), [
+    ("s3://b/photos", "s3://b/photos/", "is"),
+    ("s3://b/photos/bench", "s3://b/photos", "is inside"),
+    ("s3://b", "s3://b/photos", "contains"),
+])
+def test_an_s3_out_overlapping_an_s3_input_is_refused(out, given, relation):
+    with pytest.raises(OutputOverlapError) as info:
+        check_out_vs_in(out, given, what="--out")
+    assert str(info.value).startswith(f"--out {out}: {relation} the input prefix {given}; ")
+
+
+def test_s3_prefixes_apart_or_local_paths_do_not_overlap(tmp_path, monkeypatch):
+    check_out_vs_in("s3://b/photos2", "s3://b/photos", what="--out")
+    check_out_vs_in("s3://other/photos", "s3://b/photos", what="--out")
+    monkeypatch.chdir(tmp_path)  # a local folder named like the bucket is not the bucket
+    check_out_vs_in("s3://b/photos/out", "b/photos", what="--out")
+    check_out_vs_in("b/photos/out", "s3://b/photos", what="--out")
+
+
 def test_out_reaching_an_input_through_a_symlink_is_refused(tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "photos")

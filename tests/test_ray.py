@@ -1,31 +1,50 @@
 """The data stages on Ray give what they give locally, and a killed Ray worker costs only its shard.
 
 One local Ray (two CPUs, no dashboard) serves the whole module: starting one takes seconds. The
-stages find it already started and use it (:func:`qprobe.executors.start_ray`).
+stages find it already started and use it (:func:`qprobe.executors.start_ray`). It starts with the
+session's SeaweedFS in its environment, as a cluster's workers have their S3 credentials in theirs:
+a Ray worker inherits the environment its Ray started with, not the driver's later changes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from qprobe import cli, storage
+from qprobe.bench import outputs
 from qprobe.bench.config import BenchConfig
 from qprobe.bench.synthesize import synthesize
 from qprobe.executors import map_shards, start_ray
+from qprobe.ops import roles as R
+from qprobe.ops import services as S
 
 ray = pytest.importorskip("ray")
 
 
+@pytest.fixture(scope="module")
+def s3_env(s3: S.ServicesConfig) -> Iterator[None]:
+    """The session SeaweedFS's variables in this process (and so in the Ray it starts)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in S.service_env(s3).items():
+            patch.setenv(key, value)
+        storage.client.cache_clear()
+        yield
+    storage.client.cache_clear()
+
+
 @pytest.fixture(scope="module", autouse=True)
-def local_ray() -> Iterator[None]:
+def local_ray(s3_env: None) -> Iterator[None]:
     start_ray(workers=2)
     # The shard functions defined here travel by value: Ray's workers cannot import a test module.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -172,3 +191,82 @@ def test_evaluate_with_a_local_model_on_ray_equals_local(tmp_path: Path, tiny_ph
         results.append((frame.drop(columns="cost_seconds").to_json(), skipped, _timeless(traces)))
     assert len(results[0][2]) == 3
     assert results[0] == results[1]
+
+
+# --- bench with an S3 source and out -------------------------------------------------------------
+
+
+def _objects(prefix: str) -> dict[str, bytes]:
+    """The objects under ``prefix`` (an ``s3://`` URI ending in ``/``), by key below it, with their bytes."""
+    _, key = storage.parse_s3_uri(prefix)
+    return {o.key[len(key):]: storage.download_bytes(o.uri(R.DVC_BUCKET)) for o in storage.list_objects(prefix)}
+
+
+@pytest.fixture
+def s3_photos(tiny_photos: Path) -> str:
+    """Three of the tiny photos under a fresh prefix of the session's SeaweedFS; returns the prefix."""
+    prefix = f"s3://{R.DVC_BUCKET}/tests/{uuid.uuid4().hex}"
+    for name in ("coffee.png", "motorcycle.jpg", "people/astronaut.jpg"):
+        storage.upload_file(tiny_photos / name, f"{prefix}/photos/{name}")
+    return prefix
+
+
+def _s3_config(tmp_path: Path, prefix: str, out: str, **overrides: object) -> BenchConfig:
+    values = {"source": f"{prefix}/photos", "out": out, "metrics": str(tmp_path / "metrics.json"),
+              "num_images": 5, "min_size": 200, "contact_sheet_size": 4, **overrides}
+    return BenchConfig(**values)
+
+
+def test_bench_from_s3_to_s3_equals_a_local_bench_byte_for_byte(tmp_path: Path, s3_photos: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the CLI runs the built-in defaults, as the config does
+    local = _s3_config(tmp_path, s3_photos, str(tmp_path / "local"))
+    synthesize(local, progress=False)
+    expected = _files(Path(local.out))
+    assert len(expected) == 13  # 5 images, 5 records, manifest, contact sheet, ledger
+    for executor in ("local", "ray"):
+        out = f"{s3_photos}/bench-{executor}"
+        # Through the CLI, as a user runs it: the MLflow run gets the contact sheet fetched back from S3.
+        assert cli.main(["bench", "--source", local.source, "--out", out, "--metrics", local.metrics,
+                         "--num-images", "5", "--min-size", "200", "--contact-sheet-size", "4",
+                         "--executor", executor, "--workers", "2"]) == 0
+        got = _objects(f"{out}/")
+        assert got.keys() == expected.keys(), executor
+        assert [name for name in got if got[name] != expected[name]] == [], executor
+    import mlflow
+
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 2 and all(
+        "contact_sheet.jpg" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)} for run in runs)
+
+
+def test_bench_on_s3_resumes_and_deletes_only_the_objects_its_ledger_lists(tmp_path: Path, s3_photos: str) -> None:
+    out = f"{s3_photos}/bench"
+    theirs = {"notes.txt": b"my notes", "images/holiday.png": b"a photo of mine"}
+    for rel, data in theirs.items():
+        storage.upload_bytes(data, f"{out}/{rel}")
+    cfg = _s3_config(tmp_path, s3_photos, out, executor="ray", workers=2)
+    first = synthesize(cfg, progress=False)
+    assert first.metrics["images_new"] == 5
+
+    # A re-run with the same settings makes nothing; one whose record is gone is redone alone.
+    assert synthesize(cfg, progress=False).metrics["images_resumed"] == 5
+    storage.delete_object(f"{out}/records/{first.records[0]['id']}.json")
+    again = synthesize(cfg, progress=False)
+    assert (again.metrics["images_new"], again.metrics["images_resumed"]) == (1, 4)
+
+    # Fewer images prune bench's own objects and no one else's.
+    fewer = synthesize(replace(cfg, num_images=2), progress=False)
+    objects = _objects(f"{out}/")
+    mine = {f for r in fewer.records for f in outputs.job_files(r["id"], cfg.format)}
+    assert {rel: objects[rel] for rel in theirs} == theirs
+    assert set(objects) == mine | set(theirs) | {"manifest.parquet", "contact_sheet.jpg", outputs.LEDGER}
+    assert set(json.loads(objects[outputs.LEDGER])["files"]) == mine | set(outputs.FIXED_OUTPUTS)
+
+    # An object in the way of a planned image that bench did not write: refused before writing anything.
+    other = f"{s3_photos}/other"
+    planned = fewer.records[0]["image"]
+    storage.upload_bytes(b"someone else's picture", f"{other}/{planned}")
+    with pytest.raises(outputs.ForeignFileError, match=rf"{other}/{planned}: exists but bench did not write it"):
+        synthesize(replace(cfg, out=other, num_images=2), progress=False)
+    assert _objects(f"{other}/") == {planned: b"someone else's picture"}

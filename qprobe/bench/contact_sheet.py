@@ -8,42 +8,43 @@ changed, and whether the MOS reads right; it is logged to MLflow with the stage'
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from qprobe.bench.outputs import BenchOut
 from qprobe.defects import colour
 from qprobe.draw import Mark, draw_marks, font
-from qprobe.io import save_image_atomic
+from qprobe.io import encode_image
 
 TILE = 320  # thumbnail box, pixels
 CAPTION = 18  # caption strip under each thumbnail
 PAD = 6
 
 
-def _thumbnail(path: Path, width: int, height: int) -> Image.Image:
+def _thumbnail(data: bytes, width: int, height: int) -> Image.Image:
     scale = min(TILE / width, TILE / height)
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(data)) as img:
         img.draft("RGB", (TILE, TILE))  # JPEG decodes at reduced size; other formats ignore it
         return img.convert("RGB").resize((max(1, round(width * scale)), max(1, round(height * scale))),
                                          Image.Resampling.LANCZOS)
 
 
-def make_contact_sheet(records: Sequence[dict[str, Any]], root: str | Path, path: str | Path,
-                       max_tiles: int = 48, columns: int = 6) -> Path | None:
-    """Draw up to ``max_tiles`` of ``records`` (manifest rows; images relative to ``root``) into ``path``.
+def make_contact_sheet(records: Sequence[dict[str, Any]], out: BenchOut, name: str,
+                       max_tiles: int = 48, columns: int = 6) -> str | None:
+    """Draw up to ``max_tiles`` of ``records`` (manifest rows; images relative to ``out``) into ``name`` in ``out``.
 
     The tiles are spread evenly over the records, so a large bench is sampled end to end.
-    Returns ``path``, or ``None`` when there is nothing to draw.
+    Returns where it wrote the sheet, or ``None`` when there is nothing to draw.
     """
     if not records or max_tiles <= 0:
         return None
     picks = sorted({round(i) for i in np.linspace(0, len(records) - 1, min(len(records), max_tiles))})
     chosen = [records[i] for i in picks]
-    thumbs = [_thumbnail(Path(root) / r["image"], r["width"], r["height"]) for r in chosen]
+    thumbs = [_thumbnail(out.read(r["image"]), r["width"], r["height"]) for r in chosen]
     columns = min(columns, len(chosen))
     row_heights = [max(t.height for t in thumbs[i: i + columns]) + CAPTION + PAD
                    for i in range(0, len(thumbs), columns)]
@@ -59,5 +60,5 @@ def make_contact_sheet(records: Sequence[dict[str, Any]], root: str | Path, path
         sheet.paste(draw_marks(thumb, marks, scale=thumb.width / record["width"]), (x0, y0))
         caption = f"{record['id']}  MOS {record['mos']:.2f}" + ("" if record["defects"] else "  pristine")
         draw.text((x0, y0 + thumb.height + 2), caption, fill=(230, 230, 230), font=caption_font)
-    save_image_atomic(sheet, path, quality=88)
-    return Path(path)
+    out.write(name, encode_image(sheet, name, quality=88))
+    return out.locate(name)

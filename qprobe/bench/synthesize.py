@@ -12,11 +12,15 @@ For every source photo (:mod:`qprobe.data.sources`), ``qprobe bench``:
    the variants is left pristine.
 4. writes ``images/<id>.png`` and then ``records/<id>.json`` (both atomically): an image with its
    record is finished, and a re-run of a killed stage skips it;
-5. once all photos are done, assigns splits by source photo, writes ``manifest.parquet`` (with the
-   settings' fingerprint in its metadata), validates it (:mod:`qprobe.validation.bench`), draws
-   ``contact_sheet.jpg`` and writes the metrics file.
+5. once all photos are done, assigns splits by source photo, draws ``contact_sheet.jpg``, writes
+   ``manifest.parquet`` (with the settings' fingerprint in its metadata) and validates it
+   (:mod:`qprobe.validation.bench`), and writes the metrics file.
 
-Ownership: bench deletes and overwrites only files it can prove it wrote (:mod:`qprobe.bench.outputs`).
+The output is a folder or an ``s3://`` prefix (:class:`~qprobe.bench.outputs.BenchOut`): with an
+S3 source and out, each worker (a Ray task on any machine) reads its photo from S3 and writes its
+images and records there itself, and the driver the rest; the objects are the bytes a local run
+writes. Ownership: bench deletes and overwrites only files it can prove it wrote
+(:mod:`qprobe.bench.outputs`).
 
 Determinism: every image's random generator is seeded from ``(seed, photo key, variant)``, so the
 output does not depend on the order photos are processed in, the number of workers, or which
@@ -55,11 +59,11 @@ from qprobe.bench.mos import DefectEvidence, mos
 from qprobe.bench.outputs import (
     CONTACT_SHEET,
     FIXED_OUTPUTS,
-    IMAGES_DIR,
     LEDGER,
-    RECORDS_DIR,
+    BenchOut,
     bench_metrics,
     job_files,
+    job_paths,
     read_ledger,
     refuse_foreign,
     remove_stale,
@@ -75,12 +79,12 @@ from qprobe.data.sources import (
     Source,
     SourceError,
     SourceItem,
-    local_folder,
+    location,
     open_source,
 )
 from qprobe.data.splits import assign_splits, stable_int
 from qprobe.defects import TYPES
-from qprobe.io import check_out_vs_in, save_image_atomic, write_json_atomic
+from qprobe.io import check_out_vs_in, encode_image, json_bytes, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +116,11 @@ class TaskResult:
 
 @dataclass
 class BenchResult:
-    manifest: Path
+    manifest: str  # path or s3:// URI, as the contact sheet's
     records: list[dict[str, Any]]
     metrics: dict[str, Any]
     source_digest: str
-    contact_sheet: Path | None
+    contact_sheet: str | None
 
 
 def image_rng(seed: int, key: str, variant: int) -> np.random.Generator:
@@ -166,22 +170,19 @@ def synthesize_image(pixels: np.ndarray, texture: TextureMap, rng: np.random.Gen
     return image, defects, evidence
 
 
-def _paths(out: Path, job_id: str, fmt: str) -> tuple[Path, Path]:
-    return out / IMAGES_DIR / f"{job_id}.{fmt}", out / RECORDS_DIR / f"{job_id}.json"
-
-
-def _save(pixels: np.ndarray, path: Path, fmt: str) -> None:
+def _save(pixels: np.ndarray, out: BenchOut, rel: str, fmt: str) -> None:
     image = Image.fromarray(pixels)
     if fmt == "png":
         # zlib level 1: a third of the encode time of the default level 6, files ~3% larger.
-        save_image_atomic(image, path, compress_level=1)
+        data = encode_image(image, rel, compress_level=1)
     else:
-        save_image_atomic(image, path, lossless=True, quality=50, method=2, exact=True)
+        data = encode_image(image, rel, lossless=True, quality=50, method=2, exact=True)
+    out.write(rel, data)
 
 
 def run_task(task: Task, cfg: BenchConfig) -> TaskResult:
     """Load one photo and make its pending images (in a worker process or Ray task when the executor has one)."""
-    out = Path(cfg.out)
+    out = BenchOut(cfg.out)
     result = TaskResult(key=task.item.key)
     try:
         photo = task.item.load(cfg.min_size, cfg.max_pixels)
@@ -197,10 +198,10 @@ def run_task(task: Task, cfg: BenchConfig) -> TaskResult:
             rng = image_rng(cfg.seed, task.item.key, job.variant)
             pixels, defects, evidence = synthesize_image(photo.pixels, texture, rng, cfg)
         score, std = mos(evidence)
-        image_path, record_path = _paths(out, job.image_id, cfg.format)
+        image_path, record_path = job_paths(job.image_id, cfg.format)
         record = {
             "id": job.image_id,
-            "image": f"{IMAGES_DIR}/{image_path.name}",
+            "image": image_path,
             "source": task.item.uri,
             "width": width,
             "height": height,
@@ -216,19 +217,22 @@ def run_task(task: Task, cfg: BenchConfig) -> TaskResult:
             "fingerprint": cfg.fingerprint(),
         }
         # Image first, record second: a record on disk means its image is complete.
-        _save(pixels, image_path, cfg.format)
-        write_json_atomic(record_path, record)
+        _save(pixels, out, image_path, cfg.format)
+        out.write(record_path, json_bytes(record))
         result.records.append(record)
     return result
 
 
-def _finished(out: Path, job: Job, cfg: BenchConfig) -> dict[str, Any] | None:
-    """The record of ``job`` if a previous run finished it with the same parameters, else None."""
-    image_path, record_path = _paths(out, job.image_id, cfg.format)
-    if not (record_path.is_file() and image_path.is_file()):
+def _finished(out: BenchOut, present: set[str], job: Job, cfg: BenchConfig) -> dict[str, Any] | None:
+    """The record of ``job`` if a previous run finished it with the same parameters, else None.
+
+    ``present`` is the output's listing: one listing, not a look-up per image (S3 round trips).
+    """
+    image_path, record_path = job_paths(job.image_id, cfg.format)
+    if not (record_path in present and image_path in present):
         return None
     try:
-        record = json.loads(record_path.read_text())
+        record = json.loads(out.read(record_path))
     except (OSError, ValueError):
         return None
     if record.get("fingerprint") != cfg.fingerprint() or record.get("pristine") != job.pristine:
@@ -253,9 +257,10 @@ def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = 
     """
     start = time.perf_counter()
     source = source or open_source(cfg.source, cfg.image_column)
-    out = Path(cfg.out)
+    out = BenchOut(cfg.out)
     new_folder = not out.exists()
     owned = read_ledger(out)
+    present = out.files()
     plan = plan_jobs(source.items, cfg.num_images, cfg.pristine_fraction, cfg.seed)
     finished: dict[str, dict[str, Any]] = {}
     tasks: list[Task] = []
@@ -263,7 +268,7 @@ def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = 
     for item, jobs in plan:
         pending = []
         for job in jobs:
-            record = _finished(out, job, cfg)
+            record = _finished(out, present, job, cfg)
             if record is None:
                 pending.append(job)
                 pending_files |= job_files(job.image_id, cfg.format)
@@ -271,16 +276,16 @@ def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = 
                 finished[job.image_id] = record
         if pending:
             tasks.append(Task(item, tuple(pending)))
-    refuse_foreign(out, pending_files, owned)
+    refuse_foreign(out, pending_files, owned, present)
     # Listed before written: a run killed at any point leaves no file of its own off the list.
     owned |= pending_files | set(FIXED_OUTPUTS)
     owned |= {f for image_id in finished for f in job_files(image_id, cfg.format)}
     write_ledger(out, owned)
     if tasks:
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
+        out.delete(MANIFEST_NAME)
     total = sum(len(jobs) for _, jobs in plan)
     if finished:
-        log.info("resuming: %d of %d images already done in %s", len(finished), total, out)
+        log.info("resuming: %d of %d images already done in %s", len(finished), total, out.root)
 
     skipped: Counter = Counter()
     new = 0
@@ -302,8 +307,8 @@ def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = 
     records = sorted(finished.values(), key=lambda r: r["id"])
     if not records:
         if new_folder:  # a run that made nothing leaves nothing: only the ledger was written
-            (out / LEDGER).unlink()
-            out.rmdir()
+            out.delete(LEDGER)
+            out.remove_root()
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
         raise SourceError(f"{source.spec}: no usable photos among {len(source.items)} ({reasons})")
     splits = assign_splits(sorted({r["key"] for r in records}), cfg.splits, cfg.seed)
@@ -315,13 +320,14 @@ def synthesize(cfg: BenchConfig, source: Source | None = None, progress: bool = 
     if removed:
         log.info("removed %d files of images no longer in the plan", removed)
     write_ledger(out, keep)
+    sheet = make_contact_sheet(records, out, CONTACT_SHEET, cfg.contact_sheet_size)
+    # Last: a manifest in place names only images that are there (a reader of an S3 prefix included).
     manifest = write_validated_manifest(records, out, cfg.fingerprint())
-    sheet = make_contact_sheet(records, out, out / CONTACT_SHEET, cfg.contact_sheet_size)
     metrics = bench_metrics(records, skipped, new, len(source.items), time.perf_counter() - start)
     write_json_atomic(cfg.metrics, metrics)
     listing = "".join(f"{k} {m}\n" for k, m in sorted({(r["key"], r["source_md5"]) for r in records}))
     log.info("bench: %d images (%d new, %d skipped photos) in %s, %.1f s", len(records), new,
-             sum(skipped.values()), out, metrics["seconds"])
+             sum(skipped.values()), out.root, metrics["seconds"])
     return BenchResult(manifest=manifest, records=records, metrics=metrics,
                        source_digest=hashlib.md5(listing.encode()).hexdigest(), contact_sheet=sheet)
 
@@ -334,14 +340,15 @@ def main(argv: list[str] | None = None) -> int:
         qprobe bench
         qprobe bench --source ../shared/photos --out data/bench --num-images 200 --seed 1 --workers 2
         qprobe bench --source s3://photos/raw --min-size 2000 --workers 8
+        qprobe bench --source s3://photos/raw --out s3://photos/bench --executor ray --ray-address auto
 
     Writes ``OUT/manifest.parquet``, ``OUT/images/*.png``, ``OUT/records/*.json`` (resume state),
-    ``OUT/contact_sheet.jpg`` and the metrics file.
+    ``OUT/contact_sheet.jpg`` and the metrics file. OUT may be an ``s3://`` prefix.
     """
     from qprobe.tracking import log_artifact, log_dataset, log_metrics, stage_run
 
     cfg = parse_config(BenchConfig, "bench", argv, prog="qprobe bench", description=inspect.cleandoc(main.__doc__ or ""))
-    check_out_vs_in(cfg.out, local_folder(cfg.source), what="--out")
+    check_out_vs_in(cfg.out, location(cfg.source), what="--out")
     # List the source before the MLflow run starts: a missing or empty source writes nothing at all.
     source = open_source(cfg.source, cfg.image_column)
     with stage_run("bench", to_flat_dict(cfg)):
@@ -351,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         log_dataset(cfg.out, name="vista-bench", context="output")
         log_metrics(to_flat_dict(result.metrics))
         if result.contact_sheet is not None:
-            log_artifact(result.contact_sheet)
+            with BenchOut(cfg.out).local_copy(CONTACT_SHEET) as sheet:
+                log_artifact(sheet)
         log_artifact(cfg.metrics)
     return 0
 

@@ -263,6 +263,12 @@ def local_folder(spec: str) -> Path | None:
     return Path(spec)
 
 
+def location(spec: str) -> str | Path | None:
+    """The folder or ``s3://`` prefix a source string names (what an output must not overlap); None for
+    ``skimage`` and ``hf:`` sources."""
+    return spec if storage.is_s3_uri(spec) else local_folder(spec)
+
+
 def open_source(spec: str, image_column: str = "") -> Source:
     """List the photos of ``spec`` (see the module docstring); raise :class:`SourceError` if there are none."""
     if spec == "skimage":

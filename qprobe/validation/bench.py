@@ -3,7 +3,7 @@
 Two frames are validated. The manifest itself (one row per image): unique ids and image paths,
 no nulls in required columns, splits from ``train``/``val``/``test``, MOS in ``[1, 5]``,
 ``mos_std >= 0``, ``has_defect`` true exactly when ``defects`` is non-empty, every image path
-relative and inside the bench folder, every image file present with the recorded width and height, and no source photo in two splits. The defects
+relative and inside the bench folder (or S3 prefix), every image file present with the recorded width and height, and no source photo in two splits. The defects
 exploded to one row each: severity in ``1..5``, a known type, and a non-empty box inside its image.
 """
 
@@ -15,8 +15,9 @@ from pathlib import Path
 import great_expectations.expectations as gxe
 import pandas as pd
 
-from qprobe.data.manifest import SPLITS, image_path
-from qprobe.io import image_size, outside_folder
+from qprobe.bench.outputs import BenchOut
+from qprobe.data.manifest import SPLITS
+from qprobe.io import outside_folder
 from qprobe.validation.core import Check, Suite, require
 
 MAX_LISTED = 5  # offending rows named per Python check
@@ -47,21 +48,22 @@ def splits_disjoint_by_source(manifest: pd.DataFrame) -> Iterator[str]:
     yield from _listed(leaks)
 
 
-def image_files_check(root: Path) -> Check:
-    """A check that every ``image`` lies inside ``root`` and exists there with the row's width and height."""
+def image_files_check(root: str | Path) -> Check:
+    """A check that every ``image`` lies inside ``root`` (a folder or ``s3://`` prefix) and exists there with the row's width and height."""
 
     def check(manifest: pd.DataFrame) -> Iterator[str]:
+        out = BenchOut(str(root))
         problems = []
         for row in manifest.itertuples(index=False):
             if reason := outside_folder(row.image):
                 problems.append(f"{row.id}: image path {row.image!r} {reason}")
                 continue
-            path = image_path(root, row.image)
-            if not path.is_file():
+            path = out.locate(row.image)
+            try:
+                size = out.image_size(row.image)
+            except FileNotFoundError:
                 problems.append(f"{row.id}: image file {path} is missing")
                 continue
-            try:
-                size = image_size(path)
             except OSError as exc:
                 problems.append(f"{row.id}: image file {path} is unreadable ({exc})")
                 continue
@@ -72,8 +74,8 @@ def image_files_check(root: Path) -> Check:
     return check
 
 
-def manifest_suite(root: Path) -> Suite:
-    """The suite for the manifest rows; image paths are resolved against the folder ``root``."""
+def manifest_suite(root: str | Path) -> Suite:
+    """The suite for the manifest rows; image paths are resolved against ``root`` (a folder or ``s3://`` prefix)."""
     return Suite(
         name="manifest",
         expectations=[
@@ -111,7 +113,8 @@ def defects_suite(types: Collection[str]) -> Suite:
 def validate_bench_manifest(manifest: pd.DataFrame, root: str | Path, types: Collection[str], name: str) -> None:
     """Raise :class:`~qprobe.validation.core.ValidationError` (every failure listed) unless the manifest is good.
 
-    ``root`` is the folder the manifest's image paths are relative to; ``types`` the known defect types.
+    ``root`` is the folder or ``s3://`` prefix the manifest's image paths are relative to; ``types``
+    the known defect types.
     """
     rows = manifest.assign(defects_listed=[d is not None and len(d) > 0 for d in manifest["defects"]])
-    require((manifest_suite(Path(root)), rows), (defects_suite(types), defects_frame(manifest)), name=name)
+    require((manifest_suite(root), rows), (defects_suite(types), defects_frame(manifest)), name=name)
