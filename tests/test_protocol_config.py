@@ -43,7 +43,7 @@ def every_config(params: Path, *flags: str) -> dict[str, Any]:
     cpu = {"stage1": ["--use-cpu"], "stage2": ["--use-cpu"], "stage3": ["--use-cpu", "--no-use-vllm"]}
     configs = {name: parse_config(cls, name, ["--params", str(params), *flags, *cpu.get(name, [])])
                for name, cls in CONFIGS.items()}
-    configs["score"], _ = score._parse(["--params", str(params), *flags, "photo.jpg"])
+    configs["score"] = score._parse(["--params", str(params), *flags, "photo.jpg"])[0]
     return configs
 
 
@@ -69,7 +69,7 @@ def test_one_change_to_the_protocol_section_reaches_every_stage(profile: str, tm
 
 def test_a_flag_overrides_one_limit_for_one_run(tmp_path: Path) -> None:
     params = repo_params(tmp_path, "default")
-    cfg, _ = score._parse(["photo.jpg", "--params", str(params), "--max-crops", "2"])
+    cfg = score._parse(["photo.jpg", "--params", str(params), "--max-crops", "2"])[0]
     assert cfg.protocol == ProtocolLimits(50176, 50176, 50176, max_crops=2)
     with pytest.raises(ConfigError, match="max_crops must be at least 0"):
         score._parse(["photo.jpg", "--params", str(params), "--max-crops", "-1"])
