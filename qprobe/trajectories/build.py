@@ -304,15 +304,19 @@ def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
     rng.shuffle(kinds)
     picks = _schedule(cfg.sft_size, len(rows), rng)
     teacher = Teacher(cfg.teacher, cfg.teacher_tolerance) if cfg.teacher else None
-    sft: list[dict[str, Any]] = []
-    for kind, photo in tqdm(zip(kinds, _photos([rows[i] for i in picks], manifest_path), strict=True),
-                            total=len(kinds), desc="probe-cot", unit="sample"):
-        sample_rng = random.Random(f"{cfg.seed}:{len(sft)}:{photo.row['id']}")
-        if kind == "low":
-            sft.append(low_res_sample(photo, cfg, sample_rng))
+    # Made photo by photo, so that each high-resolution photo is decoded once (not once per sample), then
+    # put back in schedule order: each sample's randomness depends on its place in the schedule only.
+    by_photo = sorted(range(len(picks)), key=lambda i: picks[i])
+    made: dict[int, dict[str, Any]] = {}
+    for i, photo in tqdm(zip(by_photo, _photos([rows[picks[i]] for i in by_photo], manifest_path), strict=True),
+                         total=len(kinds), desc="probe-cot", unit="sample"):
+        sample_rng = random.Random(f"{cfg.seed}:{i}:{photo.row['id']}")
+        if kinds[i] == "low":
+            made[i] = low_res_sample(photo, cfg, sample_rng)
             continue
         sample = high_res_sample(photo, cfg, sample_rng)
-        sft.append(teacher.rewrite(sample) if teacher else sample)
+        made[i] = teacher.rewrite(sample) if teacher else sample
+    sft = [made[i] for i in range(len(picks))]
     rl_picks = _schedule(cfg.rl_size or len(rows), len(rows), rng)
     rl = [rl_prompt(p, cfg, root) for p in tqdm(_photos([rows[i] for i in rl_picks], manifest_path),
                                                  total=len(rl_picks), desc="probe-rl", unit="prompt")]
