@@ -370,6 +370,15 @@ def test_report_finds_the_steps_with_a_signal_and_the_format_rewards_first_and_l
     assert (summary["format_first_quarter"], summary["format_last_quarter"]) == pytest.approx((0.0, 1 / 3))
 
 
+def test_sampling_never_draws_a_vision_token(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = config(tmp_path, generation_kwargs={"min_p": 0.05})
+    tokenizer = stage_processor(tiny_model_dir).tokenizer
+    common.suppress_vision_tokens(cfg, tokenizer)
+    vision = {tokenizer.convert_tokens_to_ids(t) for t in common.VISION_TOKENS}
+    assert len(vision) == 5 and set(cfg.generation_kwargs["suppress_tokens"]) == vision
+    assert cfg.generation_kwargs["min_p"] == 0.05  # the section's own generation settings stay
+
+
 def test_group_signal_and_quarter_means() -> None:
     assert not stage3.group_signal([1.0, 1.0, 0.0, 0.0], num_generations=2)  # each group agrees
     assert stage3.group_signal([1.0, 1.0, 0.0, 0.5], num_generations=2)

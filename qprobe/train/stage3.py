@@ -34,6 +34,7 @@ from qprobe.train.common import (
     load_dataset_dir,
     lora_config,
     run_stage,
+    suppress_vision_tokens,
 )
 
 # R's components, by registry name (qprobe.rewards). Each scores one rollout on its own: stage 1's ranking
@@ -465,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def make_trainer(model_path: Path, processor: Any) -> GRPOStageTrainer:
         tokenizer = processor.tokenizer
+        suppress_vision_tokens(cfg, tokenizer)
         reports.append(RolloutReport(cfg, stop_ids=[tokenizer.eos_token_id, tokenizer.pad_token_id]))
         return GRPOStageTrainer(model=str(model_path), args=cfg, reward_funcs=reward_functions(cfg, reports[-1]),
                            train_dataset=dataset, processing_class=processor, peft_config=lora_config(cfg),
