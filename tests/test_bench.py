@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from qprobe import cli
@@ -19,7 +21,7 @@ from qprobe.bench.config import BenchConfig
 from qprobe.bench.outputs import ForeignFileError
 from qprobe.bench.synthesize import plan_jobs, synthesize
 from qprobe.data.manifest import SCHEMA, manifest_metadata, read_manifest
-from qprobe.data.sources import SKIMAGE_PHOTOS, SourceError, SourceItem
+from qprobe.data.sources import SourceError, SourceItem
 from qprobe.io import load_image, save_image_atomic
 from qprobe.validation import ValidationError
 
@@ -309,28 +311,43 @@ def test_a_manifest_failing_validation_is_not_left_as_good(tmp_path, tiny_photos
 
 
 def test_default_stage_through_the_cli_records_the_mlflow_run(tmp_path, monkeypatch):
-    """``qprobe bench`` with params.yaml's section (the bundled photos), smaller, into a temporary folder."""
+    """``qprobe bench`` with params.yaml's section (the shipped photos), smaller, into a temporary folder."""
     import mlflow
 
     params = Path(__file__).resolve().parents[1] / "params.yaml"
     # MLflow puts artifacts in ./mlruns next to a sqlite store: keep them out of the repository.
     monkeypatch.chdir(tmp_path)
     out, metrics = tmp_path / "bench", tmp_path / "bench.json"
-    argv = ["bench", "--params", str(params), "--out", str(out), "--metrics", str(metrics), "--num-images", "14"]
+    # The default's photo folder is relative to the repository, and this test runs elsewhere.
+    photos = params.parent / yaml.safe_load(params.read_text())["bench"]["source"]
+    argv = ["bench", "--params", str(params), "--out", str(out), "--metrics", str(metrics), "--num-images", "12",
+            "--source", str(photos)]
     assert cli.main(argv) == 0
     saved = json.loads(metrics.read_text())
-    assert saved["images"] == 14 and saved["sources_used"] == len(SKIMAGE_PHOTOS) and saved["skipped"]["total"] == 0
+    assert saved["images"] == 12 and saved["sources_used"] == 12 and saved["skipped"]["total"] == 0
+    assert saved["source_long_side"]["min"] >= 2000  # the project's subject: high-resolution photos
     assert all(saved["splits"][s] > 0 for s in ("train", "val", "test"))
 
     run = mlflow.search_runs(experiment_names=["qprobe"], output_format="list")[0]
     assert run.data.tags["qprobe.stage"] == "bench" and run.info.status == "FINISHED"
-    assert run.data.params["source"] == "skimage" and run.data.params["num_images"] == "14"
-    assert run.data.metrics["images"] == 14 and run.data.metrics["skipped.total"] == 0
+    assert run.data.params["source"] == str(photos) and run.data.params["num_images"] == "12"
+    assert run.data.metrics["images"] == 12 and run.data.metrics["skipped.total"] == 0
     assert sum(run.data.metrics[f"defects_by_type.{t}"] for t in saved["defects_by_type"]) == saved["defects"]
     contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
     assert contexts == {"source", "output"}
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"contact_sheet.jpg", "bench.json"} <= artifacts
+
+
+def test_metrics_report_each_source_photos_longer_side_once():
+    def record(key: str, width: int, height: int) -> dict:
+        return {"key": key, "width": width, "height": height, "defects": [], "has_defect": False, "mos": 4.8,
+                "split": "train"}
+
+    # Two variants of a landscape photo, one of a portrait photo: the longer side, whichever it is.
+    records = [record("a.jpg", 3000, 1993), record("a.jpg", 3000, 1993), record("b.png", 1333, 2000)]
+    metrics = outputs.bench_metrics(records, Counter(), new=3, listed=2, seconds=1.0)
+    assert metrics["sources_used"] == 2 and metrics["source_long_side"] == {"min": 2000, "max": 3000}
 
 
 def _items(n: int) -> list[SourceItem]:

@@ -144,7 +144,7 @@ def test_an_out_elsewhere_takes_its_metrics_along(tmp_path: Path, monkeypatch: p
     """`qprobe bench --out X` (the README's example) leaves the pipeline's metrics/bench.json alone."""
     shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    args = ["bench", "--source", str(tiny_photos), "--num-images", "2", "--contact-sheet-size", "0"]
+    args = ["bench", "--source", str(tiny_photos), "--num-images", "2", "--contact-sheet-size", "0", "--min-size", "200"]
     assert cli_main([*args, "--out", "data/mybench"]) == 0
     assert json.loads((tmp_path / "data" / "mybench.metrics.json").read_text())["images"] == 2
     assert not (tmp_path / "metrics").exists()

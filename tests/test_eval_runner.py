@@ -83,6 +83,7 @@ def test_random_tiny_model_end_to_end(bench: Path, tiny_model_dir: Path, tmp_pat
     metrics = json.loads((out / "metrics_full.json").read_text())
     assert all(isinstance(v, float | type(None)) for v in metrics.values())  # every metric, flat
     assert metrics["bench.images"] == 8 and metrics["bench.skipped"] == 0
+    assert metrics["bench.sources"] == 8  # round-robin over the 14 bundled photos: one image of each of 8
     assert not any(".no_tool." in k for k in metrics)
     for method in ("qprobe",):
         assert metrics[f"bench.{method}.answer_rate"] == 0 and metrics[f"bench.{method}.srcc"] is None

@@ -64,7 +64,7 @@ EVAL_ARGS = ["--limit", "2", "--split", "all", "--baselines", "[]", "--bootstrap
 def retrain_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The random base model never answers, so the decision rides on its answer rate (0.0, a number).
     return copy_repo(tmp_path_factory.mktemp("retrain"), {
-        "bench": {"num_images": 5, "workers": 1, "contact_sheet_size": 0},
+        "bench": {"num_images": 5, "workers": 1, "contact_sheet_size": 0, "min_size": 200},  # tiny_photos: 320 px
         "retrain": {"model": "models/base", "metric": "bench.qprobe.answer_rate", "stages": ["bench", "model"],
                     "evaluate_args": EVAL_ARGS},
     })

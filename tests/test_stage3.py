@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow
@@ -345,10 +346,45 @@ def test_report_counts_calls_failures_crops_and_truncation(hand_made: dict[str, 
     format_reward([None] * 3, hand_made["completions"], log_metric=logged.__setitem__, **hand_made["columns"])
     rates = {"tool_calls_per_rollout": 1.0, "tool_failure_rate": 1 / 3, "truncation_rate": 1 / 3,
              "crop_area": (0.25 + 0.5) / 2}
-    assert logged == pytest.approx({f"rollouts/{k}": v for k, v in rates.items()})
-    assert report.summary() == pytest.approx({"rollouts": 3, **rates})
+    # One step whose three rollouts (one group: K = 4 in the default) earn R = 1.27, 0.77 and 0: a signal.
+    assert logged == pytest.approx({**{f"rollouts/{k}": v for k, v in rates.items()}, "rollouts/signal": 1.0})
+    assert report.summary() == pytest.approx({"rollouts": 3, **rates, "signal_steps": 1.0,
+                                              "format_first_quarter": 1 / 3, "format_last_quarter": 1 / 3})
     facts = stage3.RolloutFacts.read(hand_made["completions"][0], None, [1, 2], frozenset({497, 0}))
     assert facts.truncated  # out of tokens: the last token is no end of turn
+
+
+def test_report_finds_the_steps_with_a_signal_and_the_format_rewards_first_and_last_quarter(
+        hand_made: dict[str, Any]) -> None:
+    report = stage3.RolloutReport(hand_made["cfg"], stop_ids=[497, 0])
+    (format_reward,) = [f for f in stage3.reward_functions(hand_made["cfg"], report)
+                        if get_callable_name(f) == "format_reward"]
+    completions, columns = hand_made["completions"], hand_made["columns"]
+    # Steps 1-2: three unanswered rollouts, R = 0 each, no gradient; steps 3-4: the three of hand_made.
+    silent = {k: [v[2]] * 3 for k, v in columns.items()}
+    for step in range(4):
+        batch, cols = ([completions[2]] * 3, silent) if step < 2 else (completions, columns)
+        format_reward([None] * 3, batch, trainer_state=SimpleNamespace(global_step=step), **cols)
+    summary = report.summary()
+    assert summary["signal_steps"] == 0.5
+    assert (summary["format_first_quarter"], summary["format_last_quarter"]) == pytest.approx((0.0, 1 / 3))
+
+
+def test_sampling_never_draws_a_vision_token(tmp_path: Path, tiny_model_dir: Path) -> None:
+    cfg = config(tmp_path, generation_kwargs={"min_p": 0.05})
+    tokenizer = stage_processor(tiny_model_dir).tokenizer
+    common.suppress_vision_tokens(cfg, tokenizer)
+    vision = {tokenizer.convert_tokens_to_ids(t) for t in common.VISION_TOKENS}
+    assert len(vision) == 5 and set(cfg.generation_kwargs["suppress_tokens"]) == vision
+    assert cfg.generation_kwargs["min_p"] == 0.05  # the section's own generation settings stay
+
+
+def test_group_signal_and_quarter_means() -> None:
+    assert not stage3.group_signal([1.0, 1.0, 0.0, 0.0], num_generations=2)  # each group agrees
+    assert stage3.group_signal([1.0, 1.0, 0.0, 0.5], num_generations=2)
+    assert stage3.quarter_means([0.0, 0.0, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0]) == (0.0, 1.0)
+    assert stage3.quarter_means([0.0, 1.0, 1.0]) == (0.0, 1.0)  # fewer than 4 steps: one step each
+    assert stage3.quarter_means([0.25]) == (0.25, 0.25)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -218,8 +218,10 @@ def remove_stale(out: BenchOut, owned: set[str], keep: set[str]) -> int:
 
 def bench_metrics(records: list[dict[str, Any]], skipped: Counter, new: int, listed: int,
                   seconds: float) -> dict[str, Any]:
-    """The metrics file of a run: counts of images, defects, skipped photos and splits, and the MOS's spread."""
+    """The metrics file of a run: counts of images, defects, skipped photos and splits, the MOS's spread, and
+    the longer side of the source photos used (what "high resolution" means for this bench)."""
     defects = [d for r in records for d in r["defects"]]
+    long_sides = list({r["key"]: max(r["width"], r["height"]) for r in records}.values())
     scores = np.array([r["mos"] for r in records], dtype=np.float64)
     return {
         "images": len(records),
@@ -229,7 +231,8 @@ def bench_metrics(records: list[dict[str, Any]], skipped: Counter, new: int, lis
         "with_defects": sum(bool(r["has_defect"]) for r in records),
         "defects": len(defects),
         "sources_listed": listed,
-        "sources_used": len({r["key"] for r in records}),
+        "sources_used": len(long_sides),
+        "source_long_side": {"min": min(long_sides), "max": max(long_sides)},
         "skipped": {"total": sum(skipped.values()), **{reason: skipped.get(reason, 0) for reason in SKIP_REASONS}},
         "defects_by_type": {t: sum(d["type"] == t for d in defects) for t in TYPES},
         "defects_by_severity": {str(s): sum(d["severity"] == s for d in defects) for s in range(1, 6)},

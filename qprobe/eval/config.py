@@ -53,7 +53,7 @@ class EvaluateConfig(EndpointArgs, ExecutorArgs):
         "help": "pristine images of the sets for the cropping-bias probe (0: off)"})
     crop_bias_crops: int = field(default=4, metadata={"help": "tool crops per image in that probe (1-5)"})
     bokeh_dir: str | None = field(default=None, metadata={
-        "help": "folder of the bokeh photos (assets/photos ships four); null or missing: the probe is skipped"})
+        "help": "folder of the bokeh photos (assets/photos ships eight); null or missing: the probe is skipped"})
     bokeh_list: str | None = field(default=None, metadata={
         "help": "file naming the bokeh photos, one per line (default: the shipped qprobe/eval/bokeh.txt)"})
     bokeh_limit: int | None = field(default=None, metadata={

@@ -108,6 +108,8 @@ def evaluate(cfg: EvaluateConfig, backend: Backend | None = None) -> Evaluation:
     seconds = time.perf_counter() - start
     extra = {f"{s.name}.images": float(len(s.rows) - skipped[s.name]) for s in sets}
     extra.update({f"{s.name}.skipped": float(skipped[s.name]) for s in sets})
+    # Images of one photo are not independent: how many photos the intervals rest on.
+    extra.update({f"{s.name}.sources": float(s.rows["source"].nunique()) for s in sets})
     extra["seconds"] = round(seconds, 2)
     flat = flat_metrics(nested, probe_results, extra)
 

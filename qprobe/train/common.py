@@ -284,6 +284,21 @@ def check_pixel_budgets(dataset: Any, global_max_pixels: int, crop_max_pixels: i
 # Model
 
 
+# Qwen2.5-VL's tokens that mark or hold image and video features: the processor writes them, the model never may.
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def suppress_vision_tokens(cfg: Any, tokenizer: Any) -> None:
+    """Let a GRPO stage's sampling never draw a vision token (``generation_kwargs.suppress_tokens``).
+
+    trl suppresses the image token only. A sampled ``<|video_pad|>`` (the tiny model, at temperature 1)
+    made the next forward's M-RoPE look for a video that is not there: transformers' ``get_rope_index``
+    stopped stage 3 with a ``TypeError`` at step 17 of a 20-step run.
+    """
+    ids = sorted(set(tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))) - {None, tokenizer.unk_token_id})
+    cfg.generation_kwargs = {**(cfg.generation_kwargs or {}), "suppress_tokens": ids}
+
+
 def lora_config(cfg: StageArgs) -> Any:
     """peft's ``LoraConfig`` for the language model's linear layers (and the vision tower's, unless frozen)."""
     if not cfg.lora:

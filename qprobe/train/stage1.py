@@ -24,6 +24,7 @@ from qprobe.train.common import (
     load_dataset_dir,
     lora_config,
     run_stage,
+    suppress_vision_tokens,
 )
 
 # Rewards that compare images with each other: each device must see two images or more per batch.
@@ -115,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_pixel_budgets(dataset, cfg.view_max_pixels)
 
     def make_trainer(model_path: Path, processor: Any) -> GRPOStageTrainer:
+        suppress_vision_tokens(cfg, processor.tokenizer)
         return GRPOStageTrainer(model=str(model_path), args=cfg, reward_funcs=reward_funcs, train_dataset=dataset,
                            processing_class=processor, peft_config=lora_config(cfg))
 

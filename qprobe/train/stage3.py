@@ -35,6 +35,7 @@ from qprobe.train.common import (
     load_dataset_dir,
     lora_config,
     run_stage,
+    suppress_vision_tokens,
 )
 
 # R's components, by registry name (qprobe.rewards). Each scores one rollout on its own: stage 1's ranking
@@ -185,6 +186,19 @@ class RolloutCounts:
         return rates
 
 
+def group_signal(rewards: Sequence[float], num_generations: int) -> bool:
+    """Whether some group of ``num_generations`` consecutive rollouts (one prompt's) has rewards that differ:
+    only then does GRPO's group-normalised advantage, and so its gradient, differ from 0."""
+    groups = [rewards[i:i + num_generations] for i in range(0, len(rewards), num_generations)]
+    return any(max(g) - min(g) > 1e-6 for g in groups)
+
+
+def quarter_means(values: Sequence[float]) -> tuple[float, float]:
+    """The mean of the first and of the last quarter of ``values`` (at least one value each)."""
+    n = max(1, len(values) // 4)
+    return sum(values[:n]) / n, sum(values[-n:]) / n
+
+
 def returned_crop(message: Mapping[str, Any]) -> bool:
     """Whether a tool turn holds a crop. Failures hold text only: the crop tool's ``error: ...`` line, or
     trl's ``{'error': ...}`` for a call it could not make (an unknown tool, wrong argument names)."""
@@ -246,6 +260,24 @@ def reward_functions(cfg: Stage3Config, report: RolloutReport | None = None) -> 
 # What the rollouts did
 
 
+@dataclass
+class StepRewards:
+    """One training step's rollouts: their R_format, and whether some group's R differed."""
+
+    format_sum: float = 0.0
+    rollouts: int = 0
+    signal: bool = False
+
+    def add(self, format_rewards: Sequence[float], signal: bool) -> None:
+        self.format_sum += sum(format_rewards)
+        self.rollouts += len(format_rewards)
+        self.signal |= signal
+
+    @property
+    def format_mean(self) -> float:
+        return self.format_sum / self.rollouts
+
+
 class RolloutReport:
     """The rollouts of each batch, reported: statistics as trl step metrics, and a few whole rollouts.
 
@@ -256,6 +288,12 @@ class RolloutReport:
     function's mean, ``completions/mean_length`` (model tokens only), ``completions/clipped_ratio``.
     :meth:`summary` gives the same figures over the whole run: the stage's final metrics.
 
+    Learning signal, per step: ``rollouts/signal`` is 1 when some group's total rewards R differ (GRPO has a
+    gradient; trl's ``frac_reward_zero_std`` cannot say it under ``normalize_then_sum``, whose std is the
+    batch's). The summary adds ``signal_steps`` (the fraction of steps with a signal) and the mean R_format
+    of the first and the last quarter of the steps (``format_first_quarter``, ``format_last_quarter``):
+    whether the rollouts became well-formed over the run.
+
     Samples: the first ``per_step`` rollouts of the main process's first batch of a step go to the MLflow
     artifact ``rollouts/step-N.jsonl``: every turn's text (a crop as its size), the crop records, the components
     and R. trl's own completion table cannot hold the crop images (``log_completions`` stays off).
@@ -263,15 +301,17 @@ class RolloutReport:
 
     def __init__(self, cfg: Stage3Config, stop_ids: Sequence[int]) -> None:
         funcs, _ = build_rewards(cfg.rewards, cfg.reward_options, cfg.reward_context())
-        # R_format comes with the batch (the report is called from it); the others are scored again for the
-        # few sampled rollouts, which costs next to nothing beside generation.
+        # R_format comes with the batch (the report is called from it); the others are scored again, which
+        # costs next to nothing beside generation.
         self.scorers = {name: fn for name, fn in zip(cfg.rewards, funcs, strict=True) if name != "format"}
         self.weights = dict(cfg.rewards)
         self.joint = cfg.reward_mode == "joint"
+        self.num_generations = cfg.num_generations
         self.per_step = cfg.sample_rollouts if cfg.is_main else 0
         self.stop_ids = frozenset(stop_ids)
         self._sampled_step = -1
         self.totals = RolloutCounts()  # every rollout this process made
+        self.steps: dict[int, StepRewards] = {}  # this process's rollouts' rewards, by training step
 
     def record(self, prompts: Sequence[Any], completions: Sequence[Any], format_rewards: Sequence[float], *,
                completion_ids: Sequence[Sequence[int]], environments: Sequence[CropTool] | None = None,
@@ -283,14 +323,28 @@ class RolloutReport:
         if log_metric is not None:
             for name, value in RolloutCounts().add(facts).rates().items():
                 log_metric(f"rollouts/{name}", value)
+        values = {name: fn(prompts, completions, **columns) for name, fn in self.scorers.items()}
+        values["format"] = list(format_rewards)
+        totals = [self.total(dict(zip(values, row, strict=True))) for row in zip(*values.values(), strict=True)]
         step = trainer_state.global_step + 1 if trainer_state is not None else 0
+        signal = group_signal(totals, self.num_generations)
+        self.steps.setdefault(step, StepRewards()).add(values["format"], signal)
+        if log_metric is not None:
+            log_metric("rollouts/signal", float(signal))
         if self.per_step and step != self._sampled_step:
             self._sampled_step = step
-            self._log_samples(step, prompts, completions, format_rewards, facts, envs, columns)
+            self._log_samples(step, prompts, completions, values, totals, facts, envs, columns)
 
     def summary(self) -> dict[str, float]:
-        """The step metrics over every rollout of this process's run (since it started or resumed)."""
-        return {"rollouts": float(self.totals.rollouts), **self.totals.rates()} if self.totals.rollouts else {}
+        """The step metrics over every rollout of this process's run (since it started or resumed), the share
+        of steps with a learning signal and the mean R_format of the first and last quarter of the steps."""
+        if not self.totals.rollouts:
+            return {}
+        steps = [self.steps[step] for step in sorted(self.steps)]
+        first, last = quarter_means([s.format_mean for s in steps])
+        return {"rollouts": float(self.totals.rollouts), **self.totals.rates(),
+                "signal_steps": sum(s.signal for s in steps) / len(steps),
+                "format_first_quarter": first, "format_last_quarter": last}
 
     def total(self, components: Mapping[str, float]) -> float:
         """R of one rollout from its components, as trl sums it (decoupled) or :func:`joint_reward` has it."""
@@ -299,15 +353,13 @@ class RolloutReport:
         return sum(weight * components[name] for name, weight in self.weights.items())
 
     def _log_samples(self, step: int, prompts: Sequence[Any], completions: Sequence[Any],
-                     format_rewards: Sequence[float], facts: Sequence[RolloutFacts], envs: Sequence[CropTool | None],
-                     columns: Mapping[str, Any]) -> None:
+                     values: Mapping[str, Sequence[float]], totals: Sequence[float], facts: Sequence[RolloutFacts],
+                     envs: Sequence[CropTool | None], columns: Mapping[str, Any]) -> None:
         import mlflow
 
         if mlflow.active_run() is None:
             return
         n = min(self.per_step, len(completions))
-        values = {name: fn(prompts, completions, **columns)[:n] for name, fn in self.scorers.items()}
-        values["format"] = list(format_rewards[:n])
         lines = []
         for i in range(n):
             components = {name: column[i] for name, column in values.items()}
@@ -318,7 +370,7 @@ class RolloutReport:
                 "score": answer.score if answer else None,
                 "turns": [_turn(m) for m in completions[i]],
                 "crops": [asdict(c) for c in envs[i].calls] if envs[i] is not None else [],
-                "rewards": components, "reward": self.total(components),
+                "rewards": components, "reward": totals[i],
                 **asdict(facts[i]),
             }, default=str))
         mlflow.log_text("\n".join(lines) + "\n", f"rollouts/step-{step:06d}.jsonl")
@@ -424,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def make_trainer(model_path: Path, processor: Any) -> GRPOStageTrainer:
         tokenizer = processor.tokenizer
+        suppress_vision_tokens(cfg, tokenizer)
         reports.append(RolloutReport(cfg, stop_ids=[tokenizer.eos_token_id, tokenizer.pad_token_id]))
         return GRPOStageTrainer(model=str(model_path), args=cfg, reward_funcs=reward_functions(cfg, reports[-1]),
                            train_dataset=dataset, processing_class=processor, peft_config=lora_config(cfg),
