@@ -101,7 +101,7 @@ def test_random_tiny_model_end_to_end(bench: Path, tiny_model_dir: Path, tmp_pat
     assert ("probes.bokeh.piqe.photos" in metrics) == bool(photos)
     # The DVC metrics file: the summary, nested, its values those of the full file.
     summary = json.loads((out / "evaluate.json").read_text())
-    assert set(summary) == {"seconds", "bench"} and set(summary["bench"]) == {"images", "skipped", "qprobe", "piqe",
+    assert set(summary) == {"seconds", "bench"} and set(summary["bench"]) == {"images", "sources", "skipped", "qprobe", "piqe",
                                                                               "piqe_patch"}
     assert set(summary["bench"]["qprobe"]) == set(SUMMARY) and summary["bench"]["qprobe"]["srcc"] is None
     assert all(metrics[f"bench.{k}"] == v for k, v in to_flat_dict(summary["bench"]).items())

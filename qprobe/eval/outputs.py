@@ -49,14 +49,14 @@ def flat_metrics(nested: dict[str, dict[str, dict]], probe_results: dict[str, di
 
 def summary_metrics(flat: Mapping[str, float | None], sets: Sequence[str]) -> dict[str, Any]:
     """The DVC metrics file from :func:`flat_metrics`' output: the run's seconds and, per set in ``sets``,
-    its image counts and each method's :data:`SUMMARY` figures, nested ``{set: {method: {metric: value}}}``."""
+    its image and source-photo counts and each method's :data:`SUMMARY` figures, nested ``{set: {method: {metric: value}}}``."""
     summary: dict[str, Any] = {"seconds": flat.get("seconds")}
     for key, value in flat.items():
         set_name, _, rest = key.partition(".")
         if set_name not in sets:
             continue
         method, _, metric = rest.partition(".")
-        if rest in ("images", "skipped"):
+        if rest in ("images", "sources", "skipped"):
             summary.setdefault(set_name, {})[rest] = value
         elif metric in SUMMARY:
             summary.setdefault(set_name, {}).setdefault(method, {})[metric] = value

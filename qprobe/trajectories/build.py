@@ -303,6 +303,19 @@ def make_record(shard: Shard, cfg: TrajectoriesConfig, root: Path) -> dict[str, 
     return (low_res_sample if shard.kind == "low" else high_res_sample)(photo, cfg, rng)
 
 
+def _made_by_photo(cfg: TrajectoriesConfig, make: Any, shards: list[Shard], desc: str, unit: str,
+                   ) -> list[dict[str, Any]]:
+    """Each shard's record, in shard order, made photo by photo: the schedule visits a photo once per
+    pass, and a 2-3K photo's decode and texture map cost more than its samples. A shard's randomness
+    depends on its index and photo only, so the order they are made in changes no byte."""
+    order = sorted(range(len(shards)), key=lambda i: str(shards[i].path))
+    made: list[dict[str, Any]] = [{}] * len(shards)
+    records = tqdm(cfg.map(make, [shards[i] for i in order]), total=len(shards), desc=desc, unit=unit)
+    for i, record in zip(order, records, strict=True):
+        made[i] = record
+    return made
+
+
 def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
     """Write the three datasets under ``cfg.out``; returns the counts. Validates before it returns."""
     from datasets import Dataset
@@ -326,13 +339,12 @@ def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
     make = functools.partial(make_record, cfg=cfg, root=root.resolve())
     paths = [image_path(manifest_path, r["image"]).resolve() for r in rows]
     shards = [Shard(i, kind, rows[p], paths[p]) for i, (kind, p) in enumerate(zip(kinds, picks, strict=True))]
-    sft: list[dict[str, Any]] = []
-    for sample in tqdm(cfg.map(make, shards), total=len(shards), desc="probe-cot", unit="sample"):
-        # The teacher is one endpoint: asked from here, its counts in one place.
-        sft.append(teacher.rewrite(sample) if teacher and sample["kind"] == "high" else sample)
+    # The teacher is one endpoint: asked from here, in schedule order, its counts in one place.
+    sft = [teacher.rewrite(sample) if teacher and sample["kind"] == "high" else sample
+           for sample in _made_by_photo(cfg, make, shards, "probe-cot", "sample")]
     rl_picks = _schedule(cfg.rl_size or len(rows), len(rows), rng)
     rl_shards = [Shard(i, "rl", rows[p], paths[p]) for i, p in enumerate(rl_picks)]
-    rl = list(tqdm(cfg.map(make, rl_shards), total=len(rl_shards), desc="probe-rl", unit="prompt"))
+    rl = _made_by_photo(cfg, make, rl_shards, "probe-rl", "prompt")
     stage1 = _stage1(cfg, rows, manifest_path, rng, public)
 
     # Great Expectations takes seconds to import: only a run that validates pays for it, not --help.
