@@ -497,3 +497,32 @@ def test_grpo_run_calls_the_tool_logs_and_resumes(tmp_path: Path, taught_model: 
     metrics = run(tmp_path, {**overrides, "reward_mode": "joint", "max_steps": 1})
     assert metrics["rewards/joint_reward/mean"] > 0 and metrics["tool_calls_per_rollout"] > 0
     assert {"rewards/accuracy/mean", "rewards/localization/mean", "rewards/format_reward/mean"} <= set(metrics)
+
+
+def test_the_tool_loop_gets_image_fields_trl_can_split(tiny_model_dir: Path) -> None:
+    """trl merges the processor's output of each prompt (numpy) into lists; its tool loop, for a turn
+    whose crops all failed, splits them per sample as tensors. After tensor_image_fields it can."""
+    from PIL import Image
+    from transformers import AutoProcessor
+    from trl.trainer.utils import split_pixel_values_by_grid
+
+    from qprobe.train.checkpoints import tensor_image_fields
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    merged: dict[str, list] = {}
+    sizes = [(224, 168), (112, 112)]
+    for size in sizes:  # as trl's _tokenize_prompts does with environment_factory
+        prompt = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", size)},
+                                               {"type": "text", "text": "score it"}]}]
+        out = processor.apply_chat_template(conversation=[prompt], add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)
+        for key, value in out.items():
+            if key not in ("input_ids", "attention_mask"):
+                merged.setdefault(key, []).append(value)
+    fields = {k: [row for v in values for row in v] for k, values in merged.items()}
+    with pytest.raises(AttributeError):
+        split_pixel_values_by_grid({**fields, "num_images": [1, 1]})
+    split = split_pixel_values_by_grid({**tensor_image_fields(fields), "num_images": [1, 1]})
+    grids = [g.tolist() for g in split["image_grid_thw"]]
+    assert len(grids) == 2 and grids[0] != grids[1]
+    assert [p.shape[0] for p in split["pixel_values"]] == [t * h * w for [[t, h, w]] in grids]
