@@ -27,6 +27,7 @@ import os
 import socket
 import sqlite3
 import subprocess
+import sys
 import urllib.parse
 import warnings
 from collections.abc import Iterator, Mapping
@@ -73,6 +74,9 @@ def tracking_uri(root: str | Path | None = None) -> str:
 
 def _configure(root: str | Path | None = None) -> Any:
     offline.apply()
+    if not sys.stderr.isatty():
+        # MLflow's artifact bars (registering a model downloads it back) are carriage-return frames in a log.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     uri = tracking_uri(root)

@@ -67,3 +67,12 @@ def make_bench(out: Path, num_images: int = 8) -> Path:
     synthesize(BenchConfig(source="skimage", out=str(out), metrics=str(out.parent / f"{out.name}-metrics.json"),
                            num_images=num_images, contact_sheet_size=0), progress=False)
     return out
+
+
+def untimed(value: object) -> object:
+    """``value`` without its ``seconds`` keys at any depth: wall-clock times differ between any two runs."""
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [untimed(v) for v in value]
+    return value

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures_endpoint import StandInEndpoint, protocol_turns
-from fixtures_eval import make_bench
+from fixtures_eval import make_bench, untimed
 from PIL import Image
 
 from qprobe.agent.backends import OpenAIBackend
@@ -34,20 +34,11 @@ def _photos(folder: Path, count: int) -> Path:
     return folder
 
 
-def _untimed(value: object) -> object:
-    """``value`` without its ``seconds`` (wall-clock times differ between any two runs)."""
-    if isinstance(value, dict):
-        return {k: _untimed(v) for k, v in value.items() if k != "seconds"}
-    if isinstance(value, list):
-        return [_untimed(v) for v in value]
-    return value
-
-
 def _results(out: Path) -> list[object]:
-    return [_untimed(json.loads(line)) for line in (out / "results.jsonl").read_text().splitlines()]
+    return [untimed(json.loads(line)) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
-def _csv_untimed(out: Path) -> list[dict[str, str]]:
+def _csvuntimed(out: Path) -> list[dict[str, str]]:
     with (out / "results.csv").open(newline="") as fh:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
 
@@ -80,7 +71,7 @@ def test_twenty_photos_at_concurrency_8_give_the_results_of_concurrency_1(tmp_pa
     assert [r["image"] for r in serial] == [str(folder / f"p{i:02d}.png") for i in range(20)]
     assert len({r["score"] for r in serial}) > 10  # each photo its own answer: a swap would show
     assert all(r["outcome"] == "answer" and len(r["turns"]) == 3 for r in serial)
-    assert concurrent == serial and _csv_untimed(outs[8]) == _csv_untimed(outs[1])
+    assert concurrent == serial and _csvuntimed(outs[8]) == _csvuntimed(outs[1])
 
 
 def test_a_folder_run_resumes_scoring_only_what_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

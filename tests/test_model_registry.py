@@ -76,3 +76,14 @@ def test_the_experiment_opens_in_the_model_training_view(tmp_path: Path) -> None
         pass
     assert mlflow.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT).tags["mlflow.experimentKind"] == (
         "custom_model_development")
+
+
+def test_registering_outside_a_terminal_prints_no_progress_bar(tiny_model_dir: Path, tmp_path: Path,
+                                                                capfd: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # The flow's output in CI or a log file: MLflow's artifact bars would be carriage-return frames there.
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    capfd.readouterr()  # the fixtures' own output
+    tracking.register_model(tiny_model_dir, root=tmp_path)
+    out, err = capfd.readouterr()
+    assert "\r" not in out + err and "artifacts" not in (out + err).lower(), (out + err)[-300:]

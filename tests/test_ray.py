@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fixtures_eval import untimed
 
 from qprobe import cli, storage
 from qprobe.bench import outputs
@@ -163,15 +164,6 @@ def test_trajectories_on_ray_equal_local(tmp_path: Path, tiny_photos: Path) -> N
         assert a.to_list() == b.to_list(), name
 
 
-def _timeless(value: object) -> object:
-    """``value`` without its ``seconds`` keys, at any depth."""
-    if isinstance(value, dict):
-        return {k: _timeless(v) for k, v in value.items() if k != "seconds"}
-    if isinstance(value, list):
-        return [_timeless(v) for v in value]
-    return value
-
-
 def test_evaluate_with_a_local_model_on_ray_equals_local(tmp_path: Path, tiny_photos: Path,
                                                          tiny_model_dir: Path) -> None:
     from qprobe.agent.protocol_config import ProtocolLimits
@@ -188,7 +180,7 @@ def test_evaluate_with_a_local_model_on_ray_equals_local(tmp_path: Path, tiny_ph
         traces: list[dict] = []
         frame, skipped = score_sets(load_sets(cfg), make_scorers(cfg, cfg.backend(cfg.model)), cfg, traces)
         # Wall-clock seconds are the one thing two runs never share.
-        results.append((frame.drop(columns="cost_seconds").to_json(), skipped, _timeless(traces)))
+        results.append((frame.drop(columns="cost_seconds").to_json(), skipped, untimed(traces)))
     assert len(results[0][2]) == 3
     assert results[0] == results[1]
 

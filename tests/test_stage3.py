@@ -506,7 +506,7 @@ def test_the_tool_loop_gets_image_fields_trl_can_split(tiny_model_dir: Path) -> 
     from transformers import AutoProcessor
     from trl.trainer.utils import split_pixel_values_by_grid
 
-    from qprobe.train.checkpoints import tensor_image_fields
+    from qprobe.train.trainers import tensor_image_fields
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     merged: dict[str, list] = {}

@@ -9,8 +9,7 @@ Resuming restores the weights, the optimizer and scheduler, the RNG states and t
 data: everything but the weights is transformers' own. The weights are not: transformers saves a
 Qwen2.5-VL with its legacy keys (``model.layers.*``) but the Trainer loads them back by the
 model's own (``model.language_model.layers.*``), matches none and only warns. The stages' trainers
-(:class:`SFTStageTrainer`, :class:`GRPOStageTrainer`, which :func:`~qprobe.train.common.run_stage`
-insists on) load a checkpoint through :func:`load_checkpoint_weights` instead: full weights renamed
+(:mod:`qprobe.train.trainers`, which :func:`~qprobe.train.common.run_stage` insists on) load a checkpoint through :func:`load_checkpoint_weights` instead: full weights renamed
 as ``from_pretrained`` renames them, LoRA adapters through peft, and any key missing or left over is
 a :class:`~qprobe.errors.QProbeError` naming the checkpoint, whether ``resume`` found it or named it.
 ``auto`` takes the last *complete* checkpoint (``trainer_state.json`` is written last), so a run
@@ -30,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from trl import GRPOTrainer, SFTTrainer
 
 from qprobe.errors import QProbeError
 from qprobe.io import write_json_atomic
@@ -144,39 +142,6 @@ class CheckpointLoading:
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         load_checkpoint_weights(model if model is not None else self.model, resume_from_checkpoint)
-
-
-class SFTStageTrainer(CheckpointLoading, SFTTrainer):
-    """trl's SFTTrainer, resuming exactly (:class:`CheckpointLoading`)."""
-
-
-# The processor's per-image fields: trl splits and re-joins them by image when it filters a tool loop's batch.
-IMAGE_FIELDS = ("pixel_values", "image_grid_thw")
-
-
-def tensor_image_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """``fields`` with the image fields as tensors, as trl's ``split_pixel_values_by_grid`` needs them.
-
-    With ``environment_factory`` trl 1.16 merges each prompt's processor output into a list of numpy rows
-    (Qwen2.5-VL's processor returns numpy arrays), and splits that list as a tensor in the tool loop's
-    branch for a turn whose tools returned no image (every crop of the batch refused): ``'list' object has
-    no attribute 'prod'`` ended a stage-3 run at step 17 of 20.
-    """
-    import numpy as np
-    import torch
-
-    return {k: torch.as_tensor(np.stack(v)) if k in IMAGE_FIELDS and isinstance(v, list) and v else v
-            for k, v in fields.items()}
-
-
-class GRPOStageTrainer(CheckpointLoading, GRPOTrainer):
-    """trl's GRPOTrainer, resuming exactly (:class:`CheckpointLoading`), its tool loop fed tensors
-    (:func:`tensor_image_fields`)."""
-
-    def _tool_call_loop(self, prompts: Any, prompt_ids: Any, completion_ids: Any, completions: Any,
-                        logprobs: Any, images: Any, multimodal_fields: Any) -> Any:
-        return super()._tool_call_loop(prompts, prompt_ids, completion_ids, completions, logprobs, images,
-                                       tensor_image_fields(multimodal_fields))
 
 
 def record_run(cfg: StageArgs, digests: Mapping[str, str]) -> None:

@@ -16,7 +16,6 @@ from trl import GRPOConfig
 
 from qprobe.config import parse_config
 from qprobe.rewards import build_rewards, required_columns
-from qprobe.train.checkpoints import GRPOStageTrainer
 from qprobe.train.common import (
     GRPO_METADATA,
     StageArgs,
@@ -26,6 +25,7 @@ from qprobe.train.common import (
     run_stage,
     suppress_vision_tokens,
 )
+from qprobe.train.trainers import GRPOStageTrainer
 
 # Rewards that compare images with each other: each device must see two images or more per batch.
 RANKING_REWARDS = frozenset({"thurstone", "thurstone_soft"})

@@ -15,7 +15,6 @@ from trl import SFTConfig
 
 from qprobe.config import parse_config
 from qprobe.errors import QProbeError
-from qprobe.train.checkpoints import SFTStageTrainer
 from qprobe.train.common import (
     StageArgs,
     check_pixel_budgets,
@@ -23,6 +22,7 @@ from qprobe.train.common import (
     lora_config,
     run_stage,
 )
+from qprobe.train.trainers import SFTStageTrainer
 
 
 @dataclass

@@ -27,7 +27,6 @@ from qprobe.agent.crop import CropTool, Geometry
 from qprobe.config import parse_config
 from qprobe.errors import QProbeError
 from qprobe.rewards import MIN_REWARD, RewardFn, build_rewards, final_answer, required_columns
-from qprobe.train.checkpoints import GRPOStageTrainer
 from qprobe.train.common import (
     GRPO_METADATA,
     StageArgs,
@@ -37,6 +36,7 @@ from qprobe.train.common import (
     run_stage,
     suppress_vision_tokens,
 )
+from qprobe.train.trainers import GRPOStageTrainer
 
 # R's components, by registry name (qprobe.rewards). Each scores one rollout on its own: stage 1's ranking
 # rewards, which compare the images of a batch, have no place here.
