@@ -144,7 +144,8 @@ def _public(params: Mapping[str, Any]) -> dict[str, Any]:
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any] | None = None,
               tags: Mapping[str, str] | None = None, root: str | Path | None = None) -> Iterator[Any]:
-    """Start the MLflow run of ``stage`` (nested under ``$QPROBE_PARENT_RUN_ID`` when set); yield it.
+    """Start the MLflow run of ``stage`` (nested under this process's active run, else under
+    ``$QPROBE_PARENT_RUN_ID`` when set); yield it.
 
     ``root`` picks the default store ``ROOT/mlflow.db`` when ``MLFLOW_TRACKING_URI`` is unset. An
     exception ends the run FAILED (MLflow's way); an interruption (a BaseException that is neither an
@@ -152,14 +153,13 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None,
     and its nested runs still RUNNING whose processes are gone with it.
     """
     mlflow = _configure(root)
-    parent = os.environ.get(PARENT_ENV) or None
     all_tags = {"qprobe.stage": stage, **_owner_tags(root), **(tags or {})}
     commit = git_commit()
     if commit:
         all_tags["mlflow.source.git.commit"] = commit
     active = mlflow.active_run()
-    if active is not None and parent is None:
-        parent = active.info.run_id
+    # The variable names the parent of a process's first run; a run started inside it nests under it.
+    parent = active.info.run_id if active is not None else os.environ.get(PARENT_ENV) or None
     with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=active is not None, tags=all_tags) as run:
         try:
             if params:

@@ -66,6 +66,19 @@ def test_a_run_records_its_owner(root: Path) -> None:
     assert tags["qprobe.root"] == str(root.resolve()) and tags["qprobe.pid_start"].isdigit()
 
 
+def test_a_run_inside_a_run_nests_under_it_whatever_the_parent_variable_says(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An experiment's variant: its flow runs under the experiment's run (the variable), and the model it
+    # registers runs inside the flow's pipeline run.
+    with stage_run("experiment", root=root) as experiment:
+        monkeypatch.setenv(PARENT_ENV, experiment.info.run_id)
+        with stage_run("pipeline", root=root) as pipeline, stage_run("register", root=root) as register:
+            pass
+    tags = {r.info.run_name: r.data.tags.get("mlflow.parentRunId") for r in (
+        mlflow.get_run(pipeline.info.run_id), mlflow.get_run(register.info.run_id))}
+    assert tags == {"pipeline": experiment.info.run_id, "register": pipeline.info.run_id}
+
+
 def test_interrupted_run_and_its_dead_children_end_killed(root: Path, holders: list[subprocess.Popen]) -> None:
     with pytest.raises(KeyboardInterrupt), stage_run("parent", root=root) as parent:
         dead, dead_id = _hold(root, holders, parent.info.run_id)
