@@ -18,7 +18,7 @@ from qprobe.cli import main as cli_main
 from qprobe.config import load_params
 from qprobe.experiments.registry import Experiment, Variant, experiments, resolve
 from qprobe.experiments.report import figures
-from qprobe.experiments.runner import run_experiment
+from qprobe.experiments.runner import restore, run_experiment, snapshot
 from qprobe.profiles import set_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,6 +173,31 @@ def test_run_makes_each_variant_a_dvc_experiment_and_a_tagged_run(tmp_path: Path
     _dvc(root, "exp", "apply", "probe-boot")  # brings the variant back
     assert yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["bootstrap"] == 7
     assert _dvc(root, "status", "--json").strip() in ("{}", "")
+
+
+@pytest.mark.slow
+def test_restoring_a_fresh_clone_removes_what_the_variants_made_and_keeps_the_committed_lock(tmp_path: Path) -> None:
+    root = copy_repo(tmp_path / "repo", {"bench": {"num_images": 2, "workers": 1}})
+    graph = yaml.safe_load((root / "dvc.yaml").read_text())
+    graph["stages"] = {"bench": graph["stages"]["bench"]}
+    (root / "dvc.yaml").write_text(yaml.safe_dump(graph, sort_keys=False))
+    _dvc(root, "repro", "--single-item", "bench")
+    subprocess.run(["git", "-c", "user.email=ci@example.org", "-c", "user.name=ci", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.email=ci@example.org", "-c", "user.name=ci", "commit", "-qm", "baseline"],
+                   cwd=root, check=True)
+    # A fresh clone of that commit: the lock names outputs that neither the workspace nor the cache holds.
+    shutil.rmtree(root / "data/bench")
+    shutil.rmtree(root / ".dvc/cache")
+    lock = (root / "dvc.lock").read_bytes()
+    snap = snapshot(root)
+    assert "data/bench" in snap.absent_outs
+    set_params({"bench.seed": 1}, root)  # a variant
+    _dvc(root, "repro", "--single-item", "bench")
+
+    restore(root, snap, ["bench"])
+
+    assert not (root / "data/bench").exists() and (root / "dvc.lock").read_bytes() == lock
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout == ""
 
 
 def test_cli_report_of_variants_never_run_says_so_and_logs_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -50,15 +50,21 @@ class Snapshot:
     absent_outs: list[str]
 
 
-def _outputs(root: Path) -> tuple[list[str], list[str]]:
-    """The outputs of ``dvc.yaml``'s stages: (cached, uncached) paths."""
+def _stage_outputs(root: Path) -> dict[str, list[tuple[str, bool]]]:
+    """Each stage of ``dvc.yaml``: its outputs, metrics and plots as (path, cached)."""
     stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
-    cached, uncached = [], []
-    for stage in stages.values():
+    found: dict[str, list[tuple[str, bool]]] = {}
+    for name, stage in stages.items():
         for entry in (*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])):
             path, options = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
-            (cached if (options or {}).get("cache", True) else uncached).append(path)
-    return cached, uncached
+            found.setdefault(name, []).append((path, (options or {}).get("cache", True)))
+    return found
+
+
+def _outputs(root: Path) -> tuple[list[str], list[str]]:
+    """The outputs of ``dvc.yaml``'s stages: (cached, uncached) paths."""
+    every = [out for outs in _stage_outputs(root).values() for out in outs]
+    return [path for path, cached in every if cached], [path for path, cached in every if not cached]
 
 
 def snapshot(root: Path) -> Snapshot:
@@ -86,8 +92,11 @@ def restore(root: Path, snap: Snapshot, stages: list[str]) -> None:
     for rel, data in snap.files.items():
         _put_back(root, rel, data)
     locked = (yaml.safe_load(snap.files["dvc.lock"] or b"") or {}).get("stages") or {}
-    # Only those: another stage's outputs were not touched, and may be in no cache (never committed).
-    targets = [stage for stage in stages if stage in locked]
+    outputs = _stage_outputs(root)
+    # Only those: another stage's outputs were not touched, and may be in no cache (never committed). An
+    # output that was absent (a fresh clone of a committed dvc.lock) has nothing to come back from the cache.
+    targets = [path for stage in stages if stage in locked for path, cached in outputs.get(stage, ())
+               if cached and path not in snap.absent_outs]
     if targets:
         proc = _dvc(root, "checkout", *targets)
         if proc.returncode != 0:
