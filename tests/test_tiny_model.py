@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,22 @@ def test_same_seed_same_bytes(tiny_model_dir: Path, tmp_path: Path) -> None:
     build_tiny(tmp_path / "again", seed=0)
     for name in ("model.safetensors", "tokenizer.json", "config.json", "chat_template.jinja"):
         assert (tmp_path / "again" / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
+
+
+def test_the_answer_warmup_teaches_the_format_not_a_judgement(tiny_model_dir: Path) -> None:
+    from qprobe.models.tiny import answer_warmup, warmup_conversation
+
+    rng = random.Random(0)
+    samples = [warmup_conversation(rng, 50176) for _ in range(200)]
+    for prompt, answer in samples:
+        view = prompt[1]["content"][0]["image"]
+        assert view.width * view.height <= 50176 and protocol.format_ok(answer, view.size)
+        assert "at about its native resolution" in prompt[1]["content"][1]["text"]  # stage 1's views
+    scores = [protocol.parse_assistant(answer).score for _, answer in samples]
+    assert min(scores) < 1.5 and max(scores) > 4.5  # random: nothing of any photo's quality
+    model, processor = load_model(tiny_model_dir)
+    losses = answer_warmup(model, processor, steps=30, seed=0)
+    assert len(losses) == 30 and losses[-1] < losses[0] / 2 and not model.training
 
 
 def test_tokenizer_makes_the_protocol_cheap(tiny_model_dir: Path) -> None:

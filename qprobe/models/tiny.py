@@ -27,7 +27,7 @@ import logging
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,13 @@ class TinyModelConfig:
     hidden_size: int = field(default=128, metadata={
         "help": f"text decoder width: heads of {HEAD_DIM}, half as many key/value heads, a feed-forward twice as wide"})
     num_layers: int = field(default=2, metadata={"help": "text decoder layers"})
+    answer_warmup_steps: int = field(default=0, metadata={
+        "help": "next-token steps on one-turn answers with random scores, so that stage 1 starts from a model "
+                "that has seen the answer format, as the paper's starts from an instruct model (0: random weights)"})
+    answer_warmup_lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the answer warm-up"})
+    answer_warmup_batch: int = field(default=4, metadata={"help": "conversations per answer warm-up step"})
+    answer_warmup_max_pixels: int = field(default=50176, metadata={
+        "help": "pixel budget of the warm-up's images: stage 1's views (protocol.low_res_max_pixels)"})
 
     def __post_init__(self) -> None:
         if self.vocab_size < 300:
@@ -72,6 +79,9 @@ class TinyModelConfig:
                              f"of heads of {HEAD_DIM})")
         if self.num_layers < 1:
             raise ValueError("num_layers must be at least 1")
+        if self.answer_warmup_steps < 0 or self.answer_warmup_batch < 1 or self.answer_warmup_max_pixels < 56 * 56:
+            raise ValueError("answer_warmup_steps must be >= 0, answer_warmup_batch >= 1 and "
+                             f"answer_warmup_max_pixels >= {56 * 56}")
 
 
 _THOUGHTS = (
@@ -129,6 +139,68 @@ def _template_samples(rng: random.Random) -> Iterator[str]:
         rendered, _ = render_jinja_template([messages], chat_template=protocol.chat_template(),
                                             add_generation_prompt=True)
         yield rendered[0]
+
+
+# What a model that answers at once thinks of a photo it sees whole: the warm-up's reasoning, varied so that
+# what it learns is the answer that follows any of them.
+_VERDICTS = (
+    "The photo is shown at its native resolution, so the view hides no detail.",
+    "Seen at full size, the photo is sharp and well exposed.",
+    "The photo looks soft in places, with some noise in the shadows.",
+    "Exposure and colour are natural; I can judge it as a whole without cropping.",
+)
+
+
+def warmup_conversation(rng: random.Random, max_pixels: int) -> tuple[list[dict[str, Any]], str]:
+    """A stage-1-shaped conversation (a smooth random image as its own view) and an answer with a random score.
+
+    The score is random: the warm-up teaches the format, and nothing of any photo's quality.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from qprobe.agent import protocol
+
+    side = int(max_pixels**0.5) // 28 * 28
+    width, height = rng.randrange(56, side + 1, 28), rng.randrange(56, side + 1, 28)
+    cells = np.random.default_rng(rng.randrange(2**32)).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    image = Image.fromarray(cells).resize((width, height), Image.Resampling.BILINEAR)
+    prompt = protocol.global_turn(image, (width, height), rng.randint(1, 4))
+    return prompt, protocol.render_turn(rng.choice(_VERDICTS), protocol.render_answer(rng.uniform(1, 5)))
+
+
+def answer_warmup(model: Any, processor: Any, steps: int, seed: int, lr: float = 3e-3, batch: int = 4,
+                  max_pixels: int = 50176) -> list[float]:
+    """Train ``model`` in place for ``steps`` AdamW steps on :func:`warmup_conversation` samples, the loss
+    on the answer only; returns each step's loss."""
+    import torch
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    pad = processor.tokenizer.pad_token_id
+    model.train()
+    losses = []
+    for _ in range(steps):
+        texts, images, starts = [], [], []
+        for _ in range(batch):
+            prompt, answer = warmup_conversation(rng, max_pixels)
+            head = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            texts.append(head + answer + "<|im_end|>")
+            images.append(prompt[1]["content"][0]["image"])
+            starts.append(len(processor(text=[head], images=[images[-1]])["input_ids"][0]))
+        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+        labels = inputs["input_ids"].clone()
+        for row, start in enumerate(starts):
+            labels[row, :start] = -100
+        labels[labels == pad] = -100
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    model.eval()
+    return losses
 
 
 def train_tokenizer(seed: int, vocab_size: int) -> Any:
@@ -207,8 +279,12 @@ def build_model(tokenizer: Any, seed: int, hidden_size: int = 128, num_layers: i
 
 
 def build_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1024, hidden_size: int = 128,
-               num_layers: int = 2) -> dict[str, Any]:
-    """Write the tiny checkpoint to ``out`` (replacing it); returns a summary (parameters, vocabulary)."""
+               num_layers: int = 2, warmup: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write the tiny checkpoint to ``out`` (replacing it); returns a summary (parameters, vocabulary).
+
+    ``warmup`` (keyword arguments of :func:`answer_warmup` but the model, processor and seed) trains the
+    random model briefly on the answer format before it is saved.
+    """
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from qprobe.models.factory import apply_protocol, load_model
@@ -219,6 +295,7 @@ def build_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1024, hidden_si
     image_processor = Qwen2VLImageProcessorPil(max_pixels=PROCESSOR_MAX_PIXELS, min_pixels=56 * 56)
     processor = apply_protocol(QProbeProcessor(image_processor=image_processor, tokenizer=tokenizer))
     model = build_model(tokenizer, seed, hidden_size, num_layers)
+    losses = answer_warmup(model, processor, seed=seed, **warmup) if warmup and warmup.get("steps") else []
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -234,6 +311,7 @@ def build_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1024, hidden_si
         "parameters": sum(p.numel() for p in model.parameters()),
         "vision_parameters": sum(p.numel() for p in model.model.visual.parameters()),
         "vocab_size": len(tokenizer),
+        **({"answer_warmup_first_loss": losses[0], "answer_warmup_last_loss": losses[-1]} if losses else {}),
     }
 
 
@@ -250,7 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(TinyModelConfig, "model", argv, prog="qprobe model init-tiny",
                        description=main.__doc__)
     with tracking.stage_run("model", params=asdict(cfg)):
-        summary = build_tiny(cfg.out, cfg.seed, cfg.vocab_size, cfg.hidden_size, cfg.num_layers)
+        summary = build_tiny(cfg.out, cfg.seed, cfg.vocab_size, cfg.hidden_size, cfg.num_layers, warmup={
+            "steps": cfg.answer_warmup_steps, "lr": cfg.answer_warmup_lr, "batch": cfg.answer_warmup_batch,
+            "max_pixels": cfg.answer_warmup_max_pixels})
         tracking.log_metrics(summary)
         tracking.log_dataset(cfg.out, name="tiny-qwen2.5-vl", context="output")
     print(f"{cfg.out}: tiny Qwen2.5-VL, {summary['parameters']:,} parameters "
