@@ -122,3 +122,16 @@ def test_evaluate_declares_every_file_it_reads() -> None:
         assert (REPO / path).resolve().is_relative_to(REPO), f"evaluate reads {path}, outside the repository"
         assert covered(path, deps), f"dvc.yaml: evaluate reads {path} but does not list it in its deps"
     assert len(list((REPO / params["bokeh_dir"]).glob("*.png"))) >= params["bokeh_limit"]
+
+
+def test_every_stage_but_the_persisted_bench_can_come_back_from_dvcs_run_cache() -> None:
+    # DVC's run cache skips a stage with a persisted output or an uncached output that is neither a metric
+    # nor a plot (dvc.stage.Stage.run); without it an experiment variant that goes back to an earlier
+    # configuration re-trains the stage instead of restoring it.
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        blocked = {stage.name: [o.def_path for o in stage.outs
+                                if o.persist or not (o.use_cache or o.is_metric or o.is_plot)]
+                   for stage in repo.index.stages}
+    assert {name: paths for name, paths in blocked.items() if paths} == {"bench": ["data/bench"]}

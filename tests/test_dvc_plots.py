@@ -54,6 +54,11 @@ def _sample(header: str) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _div_id(name: str) -> str:
+    """The id of a plot's div on DVC's page (dvc_render's rule)."""
+    return name.translate({ord(c): "_" for c in r"!@#$%^&*()[]{};,<>?\/:.|`~=_+ "})
+
+
 def _ys(definition: dict) -> list[str]:
     columns = next(iter(definition["y"].values()))
     return columns if isinstance(columns, list) else [columns]
@@ -70,8 +75,14 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def plots(repo: Path) -> dict[str, dict]:
-    """dvc.yaml's plots by id."""
-    return {name: d for entry in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"] for name, d in entry.items()}
+    """dvc.yaml's plots by id: the top-level ones, and the stages' plot outputs (id: the file, one ``y``)."""
+    graph = yaml.safe_load((repo / "dvc.yaml").read_text())
+    found = {name: d for entry in graph["plots"] for name, d in entry.items()}
+    for stage in graph["stages"].values():
+        for entry in stage.get("plots", []):
+            (path, props), = entry.items()
+            found[path] = {"x": props["x"], "y": {path: props["y"]}}
+    return found
 
 
 class _Views(HTMLParser):
@@ -105,11 +116,11 @@ def _render(repo: Path, tmp_path: Path, *show_args: str) -> tuple[str, list[str]
 def test_plots_render_offline(repo: Path, plots: dict[str, dict], tmp_path: Path) -> None:
     dom, console = _render(repo, tmp_path)
     assert [line for line in console if HOVER_WARNING not in line] == []
-    views = _Views({name.replace(" ", "_") for name in plots})
+    views = _Views({_div_id(name) for name in plots})
     views.feed(dom)
     assert set(views.marks) == views.ids
     for name, definition in plots.items():
-        marks, ys = views.marks[name.replace(" ", "_")], _ys(definition)
+        marks, ys = views.marks[_div_id(name)], _ys(definition)
         if definition.get("template") == "scatter":
             assert sum(kind == "point" for kind, _, _ in marks) == ROWS * len(ys), name
             continue
