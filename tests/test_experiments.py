@@ -16,8 +16,9 @@ from repo_copy import copy_repo
 
 from qprobe.cli import main as cli_main
 from qprobe.config import load_params
+from qprobe.eval.outputs import summary_metrics
 from qprobe.experiments.registry import Experiment, Variant, experiments, resolve
-from qprobe.experiments.report import figures
+from qprobe.experiments.report import FIGURE_KEYS, figures
 from qprobe.experiments.runner import restore, run_experiment, snapshot
 from qprobe.profiles import set_params
 
@@ -76,6 +77,13 @@ def test_datasets_evaluates_the_imported_sets_and_names_the_import_of_the_rest(t
     assert exp.variants[0].overrides == {"evaluate.data": ["data/bench", "data/public/spaq"]}
     assert not any("spaq" in note for note in exp.notes)
     assert any("qprobe data import koniq10k --root DIR --out data/public/koniq10k" in note for note in exp.notes)
+
+
+def test_the_metrics_file_keeps_every_figure_the_tables_show() -> None:
+    flat = {f"bench.{method}.{key}": 0.5 for method in ("qprobe", "piqe") for key in (*FIGURE_KEYS, "rmse")}
+    summary = summary_metrics({**flat, "bench.images": 30.0}, ["bench"])
+    [row] = figures(summary, {"rollout_adherence": 0.75}).values()
+    assert None not in row and "rmse" not in summary["bench"]["qprobe"]  # all it shows, and a summary
 
 
 def test_figures_read_the_evaluated_model_of_every_set_flat_or_nested() -> None:

@@ -32,9 +32,11 @@ FULL_METRICS = "metrics_full.json"
 # Every name `qprobe evaluate` writes in its output folder (the report included).
 OUTPUT_NAMES = ("report.html", "report_images", "predictions.csv", "plots", "traces.jsonl", "probes.json",
                 FULL_METRICS)
-# What the DVC metrics file keeps of each method on each set: the headline and SRCC's interval, the
-# image count and the boxes' mean IoU.
-SUMMARY = (*EVALUATE_FIGURES, "n", "srcc_low", "srcc_high", "loc.mean_iou")
+# What the DVC metrics file keeps of each method on each set: the headline, SRCC's and PLCC's intervals,
+# the image count, the boxes' mean IoU and the visual tokens per image (the experiment tables read them
+# from the file as each DVC experiment saved it).
+SUMMARY = (*EVALUATE_FIGURES, "n", "srcc_low", "srcc_high", "plcc_low", "plcc_high", "loc.mean_iou",
+           "cost.visual_tokens")
 
 
 def flat_metrics(nested: dict[str, dict[str, dict]], probe_results: dict[str, dict[str, ProbeResult]],

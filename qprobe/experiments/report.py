@@ -29,6 +29,8 @@ from qprobe.pages import render_page
 
 MODEL = "qprobe"  # the evaluated model's method name in evaluate's metrics
 COLUMNS = ("SRCC [95% CI]", "PLCC [95% CI]", "answer rate", "visual tokens / image", "rollout adherence")
+# What the table reads of the evaluated model in evaluate's metrics file (outputs.SUMMARY keeps them).
+FIGURE_KEYS = ("srcc", "srcc_low", "srcc_high", "plcc", "plcc_low", "plcc_high", "answer_rate", "cost.visual_tokens")
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,7 @@ def figures(evaluate: Mapping[str, Any], stage2: Mapping[str, Any]) -> dict[str,
     evaluated model, from the metrics files of evaluate and stage 2 (flat or nested)."""
     flat, heldout = to_flat_dict(dict(evaluate)), to_flat_dict(dict(stage2))
     sets = sorted({key.split(f".{MODEL}.")[0] for key in flat if f".{MODEL}.srcc" in key})
-    keys = ("srcc", "srcc_low", "srcc_high", "plcc", "plcc_low", "plcc_high", "answer_rate", "cost.visual_tokens")
-    return {name: (*(flat.get(f"{name}.{MODEL}.{k}") for k in keys), heldout.get("rollout_adherence"))
+    return {name: (*(flat.get(f"{name}.{MODEL}.{k}") for k in FIGURE_KEYS), heldout.get("rollout_adherence"))
             for name in sets}
 
 
