@@ -431,7 +431,9 @@ def test_dvc_stage() -> None:
             "qprobe/rewards.py", "qprobe/reward_math.py", "qprobe/agent/crop.py", "qprobe/agent/protocol.py",
             "qprobe/agent/chat_template.jinja"} <= set(stage["deps"])
     assert all((ROOT / dep).exists() for dep in stage["deps"] if dep.startswith("qprobe"))
-    assert stage["outs"] == ["models/stage3", {"metrics/stage3_curves.csv": {"cache": False}}]
+    assert stage["outs"] == ["models/stage3"]
+    assert stage["plots"] == [{"metrics/stage3_curves.csv": {"cache": False, "title": "stage3 loss", "x": "step",
+                                                             "y": "loss"}}]
     assert stage["metrics"] == [{"metrics/stage3.json": {"cache": False}}]
     assert {"models/stage3", "metrics/stage3_curves.csv"} <= set(stages["evaluate"]["deps"])
 

@@ -111,7 +111,9 @@ def test_dvc_stages() -> None:
         stage = stages[name]
         assert stage["cmd"] == f"qprobe train {name}" and stage["params"] == ["protocol", name]
         assert data in stage["deps"]
-        assert stage["outs"] == [f"models/{name}", {f"metrics/{name}_curves.csv": {"cache": False}}]
+        assert stage["outs"] == [f"models/{name}"]
+        assert stage["plots"] == [{f"metrics/{name}_curves.csv": {"cache": False, "title": f"{name} loss", "x": "step",
+                                                                  "y": "loss"}}]
         assert stage["metrics"] == [{f"metrics/{name}.json": {"cache": False}}]
         assert all((ROOT / dep).exists() for dep in stage["deps"] if dep.startswith("qprobe"))
     assert "models/base" in stages["stage1"]["deps"] and "models/stage1" in stages["stage2"]["deps"]
