@@ -55,8 +55,10 @@ def _sample(header: str) -> str:
 
 
 def _div_id(name: str) -> str:
-    """The id of a plot's div on DVC's page (dvc_render's rule)."""
-    return name.translate({ord(c): "_" for c in r"!@#$%^&*()[]{};,<>?\/:.|`~=_+ "})
+    """The id of a plot's div on DVC's page."""
+    from dvc_render.base import Renderer
+
+    return Renderer.remove_special_chars(name)
 
 
 def _ys(definition: dict) -> list[str]:
