@@ -20,6 +20,8 @@ from qprobe.bench.config import BenchConfig
 from qprobe.bench.synthesize import synthesize
 from qprobe.cli import main as cli_main
 from qprobe.data.manifest import read_manifest
+from qprobe.defects import TYPES
+from qprobe.trajectories import composer
 from qprobe.trajectories.build import build
 from qprobe.trajectories.config import TrajectoriesConfig
 from qprobe.trajectories.planner import PlannerConfig
@@ -125,6 +127,40 @@ def test_same_seed_same_text(bench: Path, built, tmp_path: Path) -> None:
     a = load_from_disk(str(Path(cfg.out) / "sft"))["messages"]
     b = load_from_disk(str(tmp_path / "again" / "sft"))["messages"]
     assert a == b
+
+
+def test_brief_reasoning_changes_the_words_only_and_keeps_each_phase(bench: Path, built, tmp_path: Path) -> None:
+    cfg, _ = built
+    brief = replace(cfg, out=str(tmp_path / "brief"), reasoning="brief")
+    build(brief)
+    full = {s["id"] + s["kind"]: s for s in load_from_disk(str(Path(cfg.out) / "sft"))}
+    short = {s["id"] + s["kind"]: s for s in load_from_disk(str(tmp_path / "brief" / "sft"))}
+    assert full.keys() == short.keys()
+    lengths = {"brief": 0, "full": 0}
+    for key, s in short.items():
+        f = full[key]
+        # The same crops, tool turns and answers: only the reasoning differs.
+        assert s["crops"] == f["crops"] and [m["role"] for m in s["messages"]] == [m["role"] for m in f["messages"]]
+        turns = [(protocol.split_turn(m["content"][0]["text"]), protocol.split_turn(n["content"][0]["text"]))
+                 for m, n in zip(s["messages"], f["messages"], strict=True) if m["role"] == "assistant"]
+        assert all(a[1] == b[1] for a, b in turns)
+        assert sum(len(a[0]) for a, _ in turns) < 0.7 * sum(len(b[0]) for _, b in turns)
+        lengths["brief"] += sum(len(a[0]) for a, _ in turns)
+        lengths["full"] += sum(len(b[0]) for _, b in turns)
+        first = turns[0][0][0]
+        # The decision still opens the first turn, and every defect a crop shows gets its critical check.
+        assert first.startswith(composer.DOWNSCALED.split("{")[0] if s["kind"] == "high" else composer.NATIVE)
+        if s["kind"] == "high":
+            for kind in {d.type for d in protocol.parse_assistant(s["messages"][-1]["content"][0]["text"]).defects}:
+                assert f"not {TYPES[kind].confound.split(',')[0]}" in " ".join(a[0] for a, _ in turns)
+    assert lengths["brief"] < 0.5 * lengths["full"], lengths
+
+
+def test_an_unknown_reasoning_style_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    params = tmp_path / "p.yaml"
+    params.write_text("trajectories: {reasoning: terse}\n")
+    assert cli_main(["trajectories", "--params", str(params)]) == 2
+    assert "reasoning must be 'full' or 'brief', got 'terse'" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_degradation_only_ablation(bench: Path, tmp_path: Path) -> None:

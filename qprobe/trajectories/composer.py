@@ -9,6 +9,10 @@ Phrasing comes from a seeded bank of templates, so the same seed gives the same 
 defect type looks and what it could be mistaken for are in its registry entry (:mod:`qprobe.defects`). The text only
 says what the model can see: the location in words, the extent, the texture, how strong the artefact
 looks. It never states hidden numbers (severity levels, MOS, file names or ids).
+
+``brief`` phrasing keeps each phase to one short clause (the decision to crop or not, what a crop shows
+and what it is not, the verdict): the embedded default's tiny model has fewer tokens to learn and to
+write before its answer, and its long reasoning was where whole rollouts came apart (docs/training.md).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ STRENGTH = {1: "faint", 2: "mild", 3: "clear", 4: "strong", 5: "severe"}
 # crop and an answer follows from the model's own words rather than from a prompt far back.
 DOWNSCALED = "The view is downscaled {scale:.1f}x from the photo, so fine detail is lost."
 NATIVE = "The photo is shown at its native resolution, so the view hides no detail."
+NO_CROP = "I can judge it as a whole without cropping."
 
 GLOBAL_OPENINGS = [
     "At this scale the photo looks {overall}: exposure and colour are {exposure}, and the composition reads clearly.",
@@ -67,6 +72,13 @@ CRITICAL_CLEAN = [
     "Zooming in found no defect here; whatever softness or grain the crop has matches the rest of the scene.",
     "The crop agrees with the global view: this region is clean, and any softness is the scene's own depth of field.",
 ]
+# Brief phrasing: one fixed clause per phase, the critical check kept as the confound's head.
+BRIEF_TARGET = "I will crop the {where}."
+BRIEF_NEXT = "Next, the {where}."
+BRIEF_DEFECT = "The crop shows {strength} {kind} at the {where}, not {confound}: a local defect over {extent} of the photo."
+BRIEF_CLEAN = "The crop of the {where} is clean; any softness is the scene's own."
+BRIEF_LOW_DEFECT = "There is {strength} {kind} at the {where}."
+
 VERDICTS = {
     5: "Overall the photo is excellent.",
     4: "Overall the photo is good, with only minor issues.",
@@ -117,10 +129,12 @@ def _overall(mos: float) -> tuple[str, str]:
 
 
 def global_impression(crop: CropFacts, width: int, height: int, mos: float, scale: float,
-                      rng: random.Random) -> str:
+                      rng: random.Random, brief: bool = False) -> str:
     """Phase 1: what the view, downscaled ``scale`` times, shows, and why this region deserves a crop."""
     overall, exposure = _overall(mos)
     where = where_in_image(crop.box, width, height)
+    if brief:
+        return f"{DOWNSCALED.format(scale=scale)} {BRIEF_TARGET.format(where=where)}"
     return " ".join([
         DOWNSCALED.format(scale=scale),
         rng.choice(GLOBAL_OPENINGS).format(overall=overall, exposure=exposure),
@@ -129,26 +143,35 @@ def global_impression(crop: CropFacts, width: int, height: int, mos: float, scal
     ])
 
 
-def next_target(crop: CropFacts, width: int, height: int, rng: random.Random) -> str:
+def next_target(crop: CropFacts, width: int, height: int, rng: random.Random, brief: bool = False) -> str:
     """The bridge from one crop to the next."""
     where = where_in_image(crop.box, width, height)
+    if brief:
+        return BRIEF_NEXT.format(where=where)
     return rng.choice(["Next I check the {texture} area at the {where}.",
                        "One more region deserves a look: the {where}.",
                        "I also want to see the {texture} detail at the {where}."]).format(
         texture=texture_words(crop.texture), where=where)
 
 
-def scrutiny(crop: CropFacts, width: int, height: int, rng: random.Random) -> str:
+def scrutiny(crop: CropFacts, width: int, height: int, rng: random.Random, brief: bool = False) -> str:
     """Phases 2 and 3 for one crop: what it shows, then the critical check against context."""
     texture = texture_words(crop.texture)
     if not crop.defects:
         where = where_in_image(crop.box, width, height)
+        if brief:
+            return BRIEF_CLEAN.format(where=where)
         return " ".join([rng.choice(LOCAL_CLEAN).format(texture=texture, where=where),
                          rng.choice(CRITICAL_CLEAN)])
     parts = []
     for kind, severity, box in crop.defects:
         where = where_in_image(box, width, height)
         area = (box[2] - box[0]) * (box[3] - box[1]) / (width * height)
+        if brief:
+            parts.append(BRIEF_DEFECT.format(strength=STRENGTH[int(severity)], kind=kind, where=where,
+                                             confound=TYPES[kind].confound.split(",")[0],
+                                             extent=extent_words(area).strip()))
+            continue
         parts.append(rng.choice(LOCAL_DEFECT).format(
             texture=texture, where=where, strength=STRENGTH[int(severity)], kind=kind, look=rng.choice(TYPES[kind].looks)))
         parts.append(rng.choice(CRITICAL_DEFECT).format(confound=TYPES[kind].confound, kind=kind,
@@ -164,12 +187,16 @@ def verdict(mos: float, n_defects: int) -> str:
 
 
 def low_res_impression(mos: float, defects: Sequence[tuple[str, int, Sequence[float]]], width: int, height: int,
-                       rng: random.Random) -> str:
+                       rng: random.Random, brief: bool = False) -> str:
     """The single turn of a low-resolution sample: judged from the global view alone."""
     overall, exposure = _overall(mos)
-    parts = [NATIVE, rng.choice(NATIVE_OPENINGS).format(overall=overall, exposure=exposure),
-             "I can judge it as a whole without cropping."]
+    parts = [NATIVE] if brief else [NATIVE, rng.choice(NATIVE_OPENINGS).format(overall=overall, exposure=exposure)]
+    parts.append(NO_CROP)
     for kind, severity, box in defects:
+        if brief:
+            parts.append(BRIEF_LOW_DEFECT.format(strength=STRENGTH[int(severity)], kind=kind,
+                                                 where=where_in_image(box, width, height)))
+            continue
         parts.append(f"There is {STRENGTH[int(severity)]} {kind} at the {where_in_image(box, width, height)}: "
                      f"{rng.choice(TYPES[kind].looks)}.")
     parts.append(verdict(mos, len(defects)))

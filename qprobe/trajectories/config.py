@@ -33,6 +33,9 @@ class TrajectoriesConfig(ExecutorArgs):
     protocol: ProtocolLimits = field(default_factory=ProtocolLimits, metadata=PROTOCOL_FIELD)
     planner: PlannerConfig = field(default_factory=PlannerConfig, metadata={
         "help": "crop planner (a mapping); it plans protocol.max_crops crops at most"})
+    reasoning: str = field(default="full", metadata={
+        "help": "full: each phase in full sentences (the paper's Probe-CoT); brief: one short clause a phase, "
+                "the critical check kept (the embedded default: a tiny model writes whole rollouts)"})
     samples_html: int = field(default=8, metadata={"help": "trajectories drawn in samples.html"})
     teacher: str | None = field(default=None, metadata={
         "help": "OpenAI-compatible VLM endpoint that rewrites the reasoning of high-resolution samples"})
@@ -43,6 +46,8 @@ class TrajectoriesConfig(ExecutorArgs):
         super().__post_init__()
         if self.low_high_ratio < 0 or self.sft_size < 1:
             raise ValueError("need low_high_ratio >= 0 and sft_size >= 1")
+        if self.reasoning not in ("full", "brief"):
+            raise ValueError(f"reasoning must be 'full' or 'brief', got {self.reasoning!r}")
         if self.protocol.max_crops < 1:
             raise ValueError("protocol.max_crops must be at least 1: a high-resolution trajectory crops")
         if "test" in self.train_splits:
