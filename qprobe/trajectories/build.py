@@ -278,7 +278,8 @@ def _schedule(n: int, pool: int, rng: random.Random) -> list[int]:
 
 @dataclass(frozen=True)
 class Shard:
-    """One record to make: SFT sample number ``index`` of ``kind`` (``low`` or ``high``), or an ``rl`` prompt."""
+    """One record to make: SFT sample number ``index`` of ``kind`` (``low`` or ``high``), an ``rl`` prompt or a
+    ``stage1`` prompt (from the bench's own photos)."""
 
     index: int
     kind: str
@@ -286,34 +287,39 @@ class Shard:
     path: Path
 
 
-@functools.lru_cache(maxsize=16)
-def _decoded(path: Path, mtime_ns: int) -> tuple[Image.Image, TextureMap]:
-    # Per process, keyed by the file's mtime too: the schedule revisits a photo once per pass, and a
-    # bench re-run that rewrote it must not be served the old pixels.
-    image = load_image(path)
-    return image, texture_map(np.asarray(image))
-
-
-def make_record(shard: Shard, cfg: TrajectoriesConfig, root: Path) -> dict[str, Any]:
+def make_record(shard: Shard, photo: BenchPhoto, cfg: TrajectoriesConfig, root: Path) -> dict[str, Any]:
     """The record of one shard; its random choices depend on the seed, the index and the photo only."""
-    image, texture = _decoded(shard.path, shard.path.stat().st_mtime_ns)
-    photo = BenchPhoto(shard.row, shard.path, image, texture)
     if shard.kind == "rl":
         return rl_prompt(photo, cfg, root)
+    if shard.kind == "stage1":
+        return stage1_prompt(photo.row, photo.image, cfg)
     rng = random.Random(f"{cfg.seed}:{shard.index}:{shard.row['id']}")
     return (low_res_sample if shard.kind == "low" else high_res_sample)(photo, cfg, rng)
 
 
-def _made_by_photo(cfg: TrajectoriesConfig, make: Any, shards: list[Shard], desc: str, unit: str,
-                   ) -> list[dict[str, Any]]:
-    """Each shard's record, in shard order, made photo by photo: the schedule visits a photo once per
-    pass, and a 2-3K photo's decode and texture map cost more than its samples. A shard's randomness
+def make_photo_records(shards: Sequence[Shard], cfg: TrajectoriesConfig, root: Path) -> list[dict[str, Any]]:
+    """The records of one photo's shards, in order: the photo is decoded once for all of them."""
+    image = load_image(shards[0].path)
+    texture = texture_map(np.asarray(image))
+    return [make_record(s, BenchPhoto(s.row, s.path, image, texture), cfg, root) for s in shards]
+
+
+def _made_by_photo(cfg: TrajectoriesConfig, shards: list[Shard], root: Path) -> list[dict[str, Any]]:
+    """Each shard's record, in shard order, made photo by photo: a 2-3K photo's decode and texture map
+    cost more than its samples, and the sets visit each photo several times. A shard's randomness
     depends on its index and photo only, so the order they are made in changes no byte."""
-    order = sorted(range(len(shards)), key=lambda i: str(shards[i].path))
+    by_photo: dict[Path, list[int]] = {}
+    for i, shard in enumerate(shards):
+        by_photo.setdefault(shard.path, []).append(i)
+    photos = sorted(by_photo, key=str)
+    make = functools.partial(make_photo_records, cfg=cfg, root=root)
     made: list[dict[str, Any]] = [{}] * len(shards)
-    records = tqdm(cfg.map(make, [shards[i] for i in order]), total=len(shards), desc=desc, unit=unit)
-    for i, record in zip(order, records, strict=True):
-        made[i] = record
+    with tqdm(total=len(shards), desc="trajectories", unit="record") as bar:
+        for path, records in zip(photos, cfg.map(make, [[shards[i] for i in by_photo[p]] for p in photos]),
+                                 strict=True):
+            for i, record in zip(by_photo[path], records, strict=True):
+                made[i] = record
+            bar.update(len(records))
     return made
 
 
@@ -335,18 +341,23 @@ def build(cfg: TrajectoriesConfig, root: Path | None = None) -> dict[str, Any]:
     kinds = ["high"] * n_high + ["low"] * n_low
     rng.shuffle(kinds)
     picks = _schedule(cfg.sft_size, len(rows), rng)
-    teacher = Teacher(cfg.teacher, cfg.teacher_tolerance) if cfg.teacher else None
+    rl_picks = _schedule(cfg.rl_size or len(rows), len(rows), rng)
+    stage1_rows = rows if public is None else _training_rows(public, cfg.train_splits)
+    stage1_picks = _schedule(cfg.stage1_size or len(stage1_rows), len(stage1_rows), rng)
     # Absolute paths: a Ray worker need not share this process's working directory.
-    make = functools.partial(make_record, cfg=cfg, root=root.resolve())
     paths = [image_path(manifest_path, r["image"]).resolve() for r in rows]
     shards = [Shard(i, kind, rows[p], paths[p]) for i, (kind, p) in enumerate(zip(kinds, picks, strict=True))]
-    # The teacher is one endpoint: asked from here, in schedule order, its counts in one place.
-    sft = [teacher.rewrite(sample) if teacher and sample["kind"] == "high" else sample
-           for sample in _made_by_photo(cfg, make, shards, "probe-cot", "sample")]
-    rl_picks = _schedule(cfg.rl_size or len(rows), len(rows), rng)
-    rl_shards = [Shard(i, "rl", rows[p], paths[p]) for i, p in enumerate(rl_picks)]
-    rl = _made_by_photo(cfg, make, rl_shards, "probe-rl", "prompt")
-    stage1 = _stage1(cfg, rows, manifest_path, rng, public)
+    shards += [Shard(i, "rl", rows[p], paths[p]) for i, p in enumerate(rl_picks)]
+    if public is None:  # the bench's own photos: made in the same pass, each photo decoded once
+        shards += [Shard(i, "stage1", rows[p], paths[p]) for i, p in enumerate(stage1_picks)]
+    made = _made_by_photo(cfg, shards, root.resolve())
+    sft, rl = made[:len(picks)], made[len(picks):len(picks) + len(rl_picks)]
+    stage1 = made[len(picks) + len(rl_picks):] if public is None else _public_stage1(
+        cfg, stage1_rows, stage1_picks, Path(public.attrs["path"]))
+    teacher = Teacher(cfg.teacher, cfg.teacher_tolerance) if cfg.teacher else None
+    if teacher:
+        # The teacher is one endpoint: asked from here, in schedule order, its counts in one place.
+        sft = [teacher.rewrite(sample) if sample["kind"] == "high" else sample for sample in sft]
 
     # Great Expectations takes seconds to import: only a run that validates pays for it, not --help.
     from qprobe.trajectories.validation import validate_sets
@@ -388,12 +399,8 @@ def stage1_manifest(source: str) -> pd.DataFrame | None:
     return read_manifest(path)
 
 
-def _stage1(cfg: TrajectoriesConfig, rows: list[dict[str, Any]], manifest_path: Path,
-            rng: random.Random, public: pd.DataFrame | None) -> list[dict[str, Any]]:
-    if public is not None:
-        manifest_path = Path(public.attrs["path"])
-        rows = _training_rows(public, cfg.train_splits)
-    picks = _schedule(cfg.stage1_size or len(rows), len(rows), rng)
+def _public_stage1(cfg: TrajectoriesConfig, rows: list[dict[str, Any]], picks: list[int],
+                   manifest_path: Path) -> list[dict[str, Any]]:
     return [stage1_prompt(rows[i], load_image(image_path(manifest_path, rows[i]["image"])), cfg)
             for i in tqdm(picks, desc="stage1", unit="image")]
 
