@@ -182,17 +182,20 @@ def answer_warmup(model: Any, processor: Any, steps: int, seed: int, lr: float =
     model.train()
     losses = []
     for _ in range(steps):
-        texts, images, starts = [], [], []
+        texts, images, answer_lengths = [], [], []
         for _ in range(batch):
             prompt, answer = warmup_conversation(rng, max_pixels)
             head = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
             texts.append(head + answer + "<|im_end|>")
             images.append(prompt[1]["content"][0]["image"])
-            starts.append(len(processor(text=[head], images=[images[-1]])["input_ids"][0]))
+            # The answer opens with <think>, a token of its own: no merge spans the head and the answer.
+            answer_lengths.append(len(processor.tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]))
         inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
         labels = inputs["input_ids"].clone()
-        for row, start in enumerate(starts):
-            labels[row, :start] = -100
+        # Padding is on the right: each row's answer ends where its attention mask does.
+        for row, (length, answer_length) in enumerate(zip(inputs["attention_mask"].sum(1).tolist(), answer_lengths,
+                                                         strict=True)):
+            labels[row, :length - answer_length] = -100
         labels[labels == pad] = -100
         loss = model(**inputs, labels=labels).loss
         loss.backward()
