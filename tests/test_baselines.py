@@ -15,6 +15,7 @@ from scipy.ndimage import gaussian_filter
 from skimage import data
 
 from qprobe.agent.rollout import RolloutConfig
+from qprobe.eval import baselines
 from qprobe.eval.baselines import (
     AgentScorer,
     PiqeScorer,
@@ -125,6 +126,33 @@ def test_patch_probe_does_not_rank_featureless_tiles() -> None:
     assert tiles and all(t.box[2] <= 512 for t in tiles)
     flat = PiqeScorer("patch", tile=256)(Image.new("RGB", (512, 512), (10, 200, 10)))
     assert flat.raw == 100.0 and flat.defects == []  # no tile to rank: judged as a whole
+
+
+def test_piqe_scorers_share_each_photos_blocks_and_never_another_photos(monkeypatch: pytest.MonkeyPatch) -> None:
+    computed: list[tuple[int, int]] = []
+
+    def counted(image: Image.Image) -> baselines.PiqeBlocks:
+        computed.append(image.size)
+        return piqe_blocks(image)
+
+    monkeypatch.setattr(baselines, "piqe_blocks", counted)
+    photo = Image.fromarray(data.astronaut()).resize((160, 128))
+    # Same size and mode, other pixels: a cache keyed by anything but the pixels would mix them up.
+    photos = [photo, _noisy(photo, 20), photo.filter(ImageFilter.GaussianBlur(2)), _noisy(photo, 20, seed=1)]
+    scorers = [PiqeScorer("global"), PiqeScorer("patch", tile=64)]
+    for image in photos + photos[::-1]:
+        for scorer in scorers:
+            got = scorer(image)
+            alone = piqe_blocks(image)
+            want = alone.score() if scorer.mode == "global" else np.mean(
+                [t.piqe for t in piqe_tiles(alone, 64)[: scorer.worst]])
+            assert got.raw == pytest.approx(want, rel=1e-12)
+            assert got.cost["seconds"] > 0
+    assert len(computed) == len(photos)  # once per photo, whichever scorer asked first
+    edited = photos[0].copy()
+    edited.paste((0, 0, 0), (0, 0, 48, 48))  # an image edited in place is a new image
+    assert piqe(edited) != piqe(photos[0])
+    assert scorers[0](edited).raw == pytest.approx(piqe(edited), rel=1e-12)
 
 
 def test_piqe_scorer_rejects_bad_settings() -> None:
