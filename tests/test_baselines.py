@@ -4,6 +4,7 @@ the agent scorer with and without its tool."""
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 
@@ -136,6 +137,7 @@ def test_piqe_scorers_share_each_photos_blocks_and_never_another_photos(monkeypa
         return piqe_blocks(image)
 
     monkeypatch.setattr(baselines, "piqe_blocks", counted)
+    monkeypatch.setattr(baselines, "_BLOCKS", OrderedDict())  # whatever earlier tests scored
     photo = Image.fromarray(data.astronaut()).resize((160, 128))
     # Same size and mode, other pixels: a cache keyed by anything but the pixels would mix them up.
     photos = [photo, _noisy(photo, 20), photo.filter(ImageFilter.GaussianBlur(2)), _noisy(photo, 20, seed=1)]
