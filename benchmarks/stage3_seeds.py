@@ -6,7 +6,8 @@ DVC outputs it depends on: run ``dvc repro stage2 trajectories`` first) once per
 temporary folder and its own MLflow store, ``--parallel`` at a time with one torch thread each
 (benchmarks/stage2_seeds.py does the running), and prints each run's ``signal_steps`` (the share of
 steps where some group's rewards differ), the mean format reward of the first and the last quarter of
-the steps, the last step's reward and crop calls, and the seconds each run took::
+the steps, their crop calls per rollout (a model can write well-formed rollouts by no longer cropping),
+the last step's reward, and the seconds each run took::
 
     .venv/bin/python benchmarks/stage3_seeds.py --seeds 0 1 2 --parallel 2
     .venv/bin/python benchmarks/stage3_seeds.py --seeds 0 1 -- --max-steps 30   # extra stage-3 flags
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 from stage2_seeds import main
 
-KEYS = ("signal_steps", "format_first_quarter", "format_last_quarter", "reward", "tool_calls_per_rollout")
+KEYS = ("signal_steps", "format_first_quarter", "format_last_quarter", "tool_calls_first_quarter",
+        "tool_calls_last_quarter", "reward")
 
 if __name__ == "__main__":
     main("stage3", KEYS, __doc__)

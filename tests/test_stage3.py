@@ -349,7 +349,8 @@ def test_report_counts_calls_failures_crops_and_truncation(hand_made: dict[str, 
     # One step whose three rollouts (one group: K = 4 in the default) earn R = 1.27, 0.77 and 0: a signal.
     assert logged == pytest.approx({**{f"rollouts/{k}": v for k, v in rates.items()}, "rollouts/signal": 1.0})
     assert report.summary() == pytest.approx({"rollouts": 3, **rates, "signal_steps": 1.0,
-                                              "format_first_quarter": 1 / 3, "format_last_quarter": 1 / 3})
+                                              "format_first_quarter": 1 / 3, "format_last_quarter": 1 / 3,
+                                              "tool_calls_first_quarter": 1.0, "tool_calls_last_quarter": 1.0})
     facts = stage3.RolloutFacts.read(hand_made["completions"][0], None, [1, 2], frozenset({497, 0}))
     assert facts.truncated  # out of tokens: the last token is no end of turn
 
@@ -360,14 +361,16 @@ def test_report_finds_the_steps_with_a_signal_and_the_format_rewards_first_and_l
     (format_reward,) = [f for f in stage3.reward_functions(hand_made["cfg"], report)
                         if get_callable_name(f) == "format_reward"]
     completions, columns = hand_made["completions"], hand_made["columns"]
-    # Steps 1-2: three unanswered rollouts, R = 0 each, no gradient; steps 3-4: the three of hand_made.
+    # Steps 1-2: three rollouts that stop at their first call, unanswered: no crop, R = 0 each, no gradient;
+    # steps 3-4: the three of hand_made.
     silent = {k: [v[2]] * 3 for k, v in columns.items()}
     for step in range(4):
-        batch, cols = ([completions[2]] * 3, silent) if step < 2 else (completions, columns)
+        batch, cols = ([completions[2][:1]] * 3, silent) if step < 2 else (completions, columns)
         format_reward([None] * 3, batch, trainer_state=SimpleNamespace(global_step=step), **cols)
     summary = report.summary()
     assert summary["signal_steps"] == 0.5
     assert (summary["format_first_quarter"], summary["format_last_quarter"]) == pytest.approx((0.0, 1 / 3))
+    assert (summary["tool_calls_first_quarter"], summary["tool_calls_last_quarter"]) == (0.0, 1.0)
 
 
 def test_sampling_never_draws_a_vision_token(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -262,20 +262,26 @@ def reward_functions(cfg: Stage3Config, report: RolloutReport | None = None) -> 
 
 @dataclass
 class StepRewards:
-    """One training step's rollouts: their R_format, and whether some group's R differed."""
+    """One training step's rollouts: their R_format and crop calls, and whether some group's R differed."""
 
     format_sum: float = 0.0
+    tool_calls: int = 0
     rollouts: int = 0
     signal: bool = False
 
-    def add(self, format_rewards: Sequence[float], signal: bool) -> None:
+    def add(self, format_rewards: Sequence[float], tool_calls: int, signal: bool) -> None:
         self.format_sum += sum(format_rewards)
+        self.tool_calls += tool_calls
         self.rollouts += len(format_rewards)
         self.signal |= signal
 
     @property
     def format_mean(self) -> float:
         return self.format_sum / self.rollouts
+
+    @property
+    def tool_calls_mean(self) -> float:
+        return self.tool_calls / self.rollouts
 
 
 class RolloutReport:
@@ -292,7 +298,9 @@ class RolloutReport:
     gradient; trl's ``frac_reward_zero_std`` cannot say it under ``normalize_then_sum``, whose std is the
     batch's). The summary adds ``signal_steps`` (the fraction of steps with a signal) and the mean R_format
     of the first and the last quarter of the steps (``format_first_quarter``, ``format_last_quarter``):
-    whether the rollouts became well-formed over the run.
+    whether the rollouts became well-formed over the run; and their crop calls per rollout
+    (``tool_calls_first_quarter``, ``tool_calls_last_quarter``): whether they did so by still looking
+    closer, or by answering at once (no R_* term pays for a crop as such).
 
     Samples: the first ``per_step`` rollouts of the main process's first batch of a step go to the MLflow
     artifact ``rollouts/step-N.jsonl``: every turn's text (a crop as its size), the crop records, the components
@@ -328,7 +336,7 @@ class RolloutReport:
         totals = [self.total(dict(zip(values, row, strict=True))) for row in zip(*values.values(), strict=True)]
         step = trainer_state.global_step + 1 if trainer_state is not None else 0
         signal = group_signal(totals, self.num_generations)
-        self.steps.setdefault(step, StepRewards()).add(values["format"], signal)
+        self.steps.setdefault(step, StepRewards()).add(values["format"], sum(f.tool_calls for f in facts), signal)
         if log_metric is not None:
             log_metric("rollouts/signal", float(signal))
         if self.per_step and step != self._sampled_step:
@@ -337,14 +345,17 @@ class RolloutReport:
 
     def summary(self) -> dict[str, float]:
         """The step metrics over every rollout of this process's run (since it started or resumed), the share
-        of steps with a learning signal and the mean R_format of the first and last quarter of the steps."""
+        of steps with a learning signal, and the mean R_format and crop calls of the first and last quarter of
+        the steps."""
         if not self.totals.rollouts:
             return {}
         steps = [self.steps[step] for step in sorted(self.steps)]
         first, last = quarter_means([s.format_mean for s in steps])
+        calls_first, calls_last = quarter_means([s.tool_calls_mean for s in steps])
         return {"rollouts": float(self.totals.rollouts), **self.totals.rates(),
                 "signal_steps": sum(s.signal for s in steps) / len(steps),
-                "format_first_quarter": first, "format_last_quarter": last}
+                "format_first_quarter": first, "format_last_quarter": last,
+                "tool_calls_first_quarter": calls_first, "tool_calls_last_quarter": calls_last}
 
     def total(self, components: Mapping[str, float]) -> float:
         """R of one rollout from its components, as trl sums it (decoupled) or :func:`joint_reward` has it."""
