@@ -31,6 +31,7 @@ STRENGTH = {1: "faint", 2: "mild", 3: "clear", 4: "strong", 5: "severe"}
 DOWNSCALED = "The view is downscaled {scale:.1f}x from the photo, so fine detail is lost."
 NATIVE = "The photo is shown at its native resolution, so the view hides no detail."
 NO_CROP = "I can judge it as a whole without cropping."
+LOW_RES_DEFECT = "There is {strength} {kind} at the {where}"  # full phrasing adds how it looks
 
 GLOBAL_OPENINGS = [
     "At this scale the photo looks {overall}: exposure and colour are {exposure}, and the composition reads clearly.",
@@ -77,7 +78,6 @@ BRIEF_TARGET = "I will crop the {where}."
 BRIEF_NEXT = "Next, the {where}."
 BRIEF_DEFECT = "The crop shows {strength} {kind} at the {where}, not {confound}: a local defect over {extent} of the photo."
 BRIEF_CLEAN = "The crop of the {where} is clean; any softness is the scene's own."
-BRIEF_LOW_DEFECT = "There is {strength} {kind} at the {where}."
 
 VERDICTS = {
     5: "Overall the photo is excellent.",
@@ -193,11 +193,8 @@ def low_res_impression(mos: float, defects: Sequence[tuple[str, int, Sequence[fl
     parts = [NATIVE] if brief else [NATIVE, rng.choice(NATIVE_OPENINGS).format(overall=overall, exposure=exposure)]
     parts.append(NO_CROP)
     for kind, severity, box in defects:
-        if brief:
-            parts.append(BRIEF_LOW_DEFECT.format(strength=STRENGTH[int(severity)], kind=kind,
-                                                 where=where_in_image(box, width, height)))
-            continue
-        parts.append(f"There is {STRENGTH[int(severity)]} {kind} at the {where_in_image(box, width, height)}: "
-                     f"{rng.choice(TYPES[kind].looks)}.")
+        mention = LOW_RES_DEFECT.format(strength=STRENGTH[int(severity)], kind=kind,
+                                        where=where_in_image(box, width, height))
+        parts.append(f"{mention}." if brief else f"{mention}: {rng.choice(TYPES[kind].looks)}.")
     parts.append(verdict(mos, len(defects)))
     return " ".join(parts)
