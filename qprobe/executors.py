@@ -80,10 +80,27 @@ def map_shards(fn: Callable[[S], R], shards: Sequence[S], *, executor: str = "lo
     return _pooled(fn, shards, workers)
 
 
+def _exit_with_parent(parent: int, poll: float = 0.5) -> None:
+    """Pool worker initializer: end the worker once ``parent`` is gone. A parent killed with SIGKILL runs no
+    shutdown, and its idle workers would otherwise wait on their queue for good, holding their memory."""
+    import os
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _pooled(fn: Callable[[S], R], shards: Sequence[S], workers: int) -> Iterator[R]:
     import multiprocessing
+    import os
 
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(shards)), mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(shards)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
     try:
         yield from _windowed(functools.partial(pool.submit, fn), shards, 2 * workers)
     finally:
