@@ -90,8 +90,9 @@ def _kill_first_worker(folder: Path, killed: list[int]) -> None:
     while time.monotonic() < deadline:
         markers = sorted(folder.iterdir())
         if markers:
-            shard = int(markers[0].name.split(".")[0])
-            os.kill(int(markers[0].read_text()), signal.SIGKILL)
+            # From the name, not the contents: the file can be seen before its pid is written.
+            shard, pid = (int(v) for v in markers[0].name.split(".")[:2])
+            os.kill(pid, signal.SIGKILL)
             killed.append(shard)
             return
         time.sleep(0.01)
