@@ -1,9 +1,10 @@
 """PIQE against a plain per-block transcription of the published algorithm and on real degradations;
-the agent scorer with and without its tool."""
+SSIM against scikit-image's; the agent scorer with and without its tool."""
 
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
@@ -20,11 +21,15 @@ from qprobe.eval import baselines
 from qprobe.eval.baselines import (
     AgentScorer,
     PiqeScorer,
+    Prediction,
+    SsimScorer,
     luminance,
     piqe,
     piqe_blocks,
     piqe_tiles,
     piqe_to_mos,
+    ssim,
+    ssim_map,
 )
 
 
@@ -187,3 +192,59 @@ def test_agent_scorer_survives_the_random_tiny_model(tiny_model_dir: Path) -> No
     prediction = AgentScorer(TransformersBackend(str(tiny_model_dir)), config)(Image.fromarray(data.chelsea()))
     assert prediction.score is None and prediction.failure is not None
     assert prediction.cost["generated_tokens"] <= 8 and prediction.trace is not None
+
+
+def test_ssim_map_matches_scikit_image() -> None:
+    from skimage.metrics import structural_similarity
+
+    photo = data.astronaut()
+    noisy = np.asarray(_noisy(Image.fromarray(photo), 12.0))
+    _, expected = structural_similarity(luminance(noisy), luminance(photo), gaussian_weights=True, sigma=1.5,
+                                        use_sample_covariance=False, data_range=255, full=True)
+    np.testing.assert_allclose(ssim_map(noisy, photo), expected, atol=1e-3)
+    assert ssim(photo, photo) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="one size, got 512x512 and 256x512"):
+        ssim(photo, photo[:, :256])
+
+
+def _blurred_square(photo: np.ndarray, side: int, radius: float) -> Image.Image:
+    image = Image.fromarray(photo)
+    box = (100, 100, 100 + side, 100 + side)
+    image.paste(image.crop(box).filter(ImageFilter.GaussianBlur(radius)), box[:2])
+    return image
+
+
+def test_ssim_scorer_ranks_a_local_defect_by_area_and_strength(tmp_path: Path) -> None:
+    photo = data.astronaut()
+    original = tmp_path / "original.png"
+    Image.fromarray(photo).save(original)
+    scorer = SsimScorer()
+    same = scorer(Image.fromarray(photo), reference=original)
+    assert same.raw == pytest.approx(1.0, abs=1e-6) and same.score == pytest.approx(5.0, abs=1e-5)
+    scores = [scorer(_blurred_square(photo, side, radius), reference=original).score
+              for side, radius in ((40, 1.0), (40, 3.0), (160, 3.0), (300, 3.0))]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == 4
+    assert all(1.0 <= s < 5.0 for s in scores)
+
+
+def test_ssim_scorer_without_a_usable_original_gives_no_score_and_says_why(tmp_path: Path) -> None:
+    photo = Image.fromarray(data.astronaut())
+    scorer = SsimScorer()
+    assert scorer(photo) == Prediction(score=None, outcome="no_reference")
+    missing = scorer(photo, reference=tmp_path / "gone.png")
+    assert missing.score is None and missing.outcome == "error" and str(tmp_path / "gone.png") in missing.error
+    small = tmp_path / "small.png"
+    photo.resize((256, 256)).save(small)
+    other = scorer(photo, reference=small)
+    assert other.outcome == "error" and other.error == f"{small} (the original): SSIM needs images of one size, got 512x512 and 256x256"
+
+
+def test_ssim_scorer_reads_an_original_rewritten_since(tmp_path: Path) -> None:
+    photo = data.astronaut()
+    original = tmp_path / "original.png"
+    Image.fromarray(photo).save(original)
+    scorer = SsimScorer()
+    assert scorer(Image.fromarray(photo), reference=original).raw == pytest.approx(1.0, abs=1e-6)
+    Image.fromarray(photo[::-1].copy()).save(original)  # the same size, other pixels
+    os.utime(original, ns=(original.stat().st_atime_ns, original.stat().st_mtime_ns + 1_000_000))
+    assert scorer(Image.fromarray(photo), reference=original).raw < 0.5

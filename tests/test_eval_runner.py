@@ -235,3 +235,65 @@ def test_an_endpoint_failure_on_one_image_is_recorded_and_the_rest_evaluated(ben
     failed = result.predictions[result.predictions["outcome"] == "error"]
     assert len(failed) == 1 and failed["score"].isna().all() and "usage must be an object" in failed["error"].iloc[0]
     assert "usage must be an object" in (out / "predictions.csv").read_text()
+
+
+@pytest.fixture(scope="module")
+def two_photo_bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five images of each of two photos, one of each pristine: the originals full-reference methods need."""
+    from PIL import Image
+    from skimage import data
+
+    from qprobe.bench.config import BenchConfig
+    from qprobe.bench.synthesize import synthesize
+
+    root = tmp_path_factory.mktemp("two_photos")
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(data, name)()).save(root / f"{name}.png")
+    out = root / "bench"
+    synthesize(BenchConfig(source=str(root), out=str(out), metrics=str(root / "bench.json"), num_images=10,
+                           pristine_fraction=0.2, contact_sheet_size=0), progress=False)
+    return out
+
+
+def test_full_reference_ssim_scores_each_image_against_its_photos_original(two_photo_bench: Path,
+                                                                          tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cfg = _config(two_photo_bench, out, "--max-new-tokens", "200", "--baselines", "[piqe, ssim]",
+                  "--curves", "[]", "--repeat-images", "0")
+    result = evaluate(cfg, backend=ScriptedBackend())
+    metrics, predictions = result.metrics, result.predictions
+    assert metrics["bench.ssim.answer_rate"] == 1 and metrics["bench.ssim.n"] == 10
+    # It sees the injected defects and nothing of the content: on two photos it ranks them better than
+    # PIQE does (0.59 against 0.35), and each photo's original scores 1.
+    assert metrics["bench.ssim.srcc"] > max(0.5, metrics["bench.piqe.srcc"])
+    ssim_rows = predictions[predictions["method"] == "ssim"]
+    pristine = ssim_rows["has_defect"] == False  # noqa: E712 (a column of bools)
+    assert pristine.sum() == 2 and (ssim_rows.loc[pristine, "raw"] > 1 - 1e-6).all()
+    assert (ssim_rows.loc[~pristine, "raw"] < 1 - 1e-6).all()
+    # The probes' photos have no original: SSIM is not among their methods.
+    probes = json.loads((out / "probes.json").read_text())
+    assert "piqe" in probes["crop_bias"] and "ssim" not in probes["crop_bias"]
+    assert "SSIM (full reference)" in (out / "report.html").read_text()
+
+
+def test_an_images_original_is_found_outside_its_split_and_sample(two_photo_bench: Path, tmp_path: Path) -> None:
+    manifest = pd.read_parquet(two_photo_bench / "manifest.parquet")
+    originals = manifest[~manifest["has_defect"]].set_index("source")["image"]
+    sets = load_sets(_config(two_photo_bench, tmp_path, "--limit", "3"))
+    rows = sets[0].rows
+    assert len(rows) == 3 and list(rows["reference"]) == list(rows["source"].map(originals))
+
+
+def test_images_without_a_pristine_original_get_no_ssim_score(bench: Path, tmp_path: Path) -> None:
+    # A public IQA set: has_defect unknown, so no row is anybody's original.
+    public = pd.read_parquet(bench / "manifest.parquet").assign(has_defect=None)
+    folder = tmp_path / "public"
+    folder.mkdir()
+    for image in public["image"]:
+        (folder / image).parent.mkdir(parents=True, exist_ok=True)
+        (folder / image).symlink_to(bench / image)
+    public.to_parquet(folder / "manifest.parquet")
+    cfg = _config(folder, tmp_path / "out", "--baselines", "[ssim]", "--max-new-tokens", "200", "--curves", "[]",
+                  "--crop-bias-images", "0", "--repeat-images", "0", "--bokeh-limit", "0")
+    result = evaluate(cfg, backend=ScriptedBackend())
+    assert result.metrics["public.ssim.outcome.no_reference"] == 8 and result.metrics["public.ssim.srcc"] is None

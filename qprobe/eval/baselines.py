@@ -41,6 +41,19 @@ Worth knowing when reading its numbers: mild noise can *improve* PIQE on a photo
 areas (it makes inactive blocks active and dilutes the distorted ones), and sharp subjects against a
 bokeh background often land in the "poor" band (their edges are flat on one side).
 
+**SSIM** (Z. Wang, A. C. Bovik, H. R. Sheikh, E. P. Simoncelli, "Image quality assessment: from error
+visibility to structural similarity", IEEE TIP 2004) is the *full-reference* yardstick: it compares
+the photo with its pristine original, so it sees every injected defect and none of the content. It
+tells how well the split can rank a method that sees the defects (the bench's images of one photo
+share their original: the manifest row of the same ``source`` with no defect), where PIQE, blind,
+also ranks the photos' content. The published definition: luminance as above, local means, variances
+and covariance under an 11x11 Gaussian window (sigma 1.5), ``C1 = (0.01 * 255)^2`` and
+``C2 = (0.03 * 255)^2``, averaged over the photo at native resolution. The average sits near 1 (a
+local defect is a small part of a 2K photo), mapped to the MOS scale as ``1 + 4 SSIM``: its rank
+and the logistic-mapped PLCC mean something, its raw RMSE does not. An image with no pristine
+original in its manifest (a public IQA set) gets no score (outcome ``no_reference``), and the
+probes, which score photos without one, do not run it.
+
 **NIQE and BRISQUE** are not offered: scikit-image does not ship them, and both depend on fitted
 parameters (NIQE's multivariate Gaussian of pristine-image features, BRISQUE's trained SVR) that
 are not available offline here; refitting them on this repository's photos would make a different,
@@ -49,12 +62,14 @@ unpublished metric.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -65,6 +80,7 @@ from scipy.ndimage import gaussian_filter
 from qprobe.agent.backends import Backend
 from qprobe.agent.rollout import RolloutConfig, Trace, rollout
 from qprobe.errors import QProbeError, describe
+from qprobe.io import DEFAULT_MAX_PIXELS, load_image
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +121,14 @@ class Scorer(Protocol):
     """A method under evaluation: a name, and a photo -> :class:`Prediction` call.
 
     ``seed`` picks the sample of a stochastic method (the agent at temperature > 0); deterministic
-    methods ignore it.
+    methods ignore it. ``reference`` is the file of the photo's pristine original, where its set has
+    one: a ``full_reference`` method needs it, the others ignore it.
     """
 
     name: str
+    full_reference: bool
 
-    def __call__(self, image: Image.Image, seed: int = 0) -> Prediction: ...
+    def __call__(self, image: Image.Image, seed: int = 0, reference: Path | None = None) -> Prediction: ...
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -137,12 +155,14 @@ def trace_cost(trace: Trace) -> dict[str, float]:
 class AgentScorer:
     """Q-Probe's rollout as a scorer; ``config.max_crops == 0`` is the tool-disabled baseline."""
 
+    full_reference = False
+
     def __init__(self, backend: Backend, config: RolloutConfig, name: str = "qprobe") -> None:
         self.backend = backend
         self.config = config
         self.name = name
 
-    def __call__(self, image: Image.Image, seed: int = 0) -> Prediction:
+    def __call__(self, image: Image.Image, seed: int = 0, reference: Path | None = None) -> Prediction:
         """The rollout's prediction; a failure on this photo (the endpoint's, or a bug's) is a
         prediction without a score and with its ``error``, so one photo never ends an evaluation."""
         try:
@@ -296,6 +316,8 @@ def piqe_tiles(blocks: PiqeBlocks, tile: int = 512, min_active: float = 0.1) -> 
 class PiqeScorer:
     """PIQE as a scorer: ``mode="global"`` over the whole photo, ``"patch"`` over its worst tiles."""
 
+    full_reference = False
+
     def __init__(self, mode: str = "global", tile: int = 512, worst: int = 3, min_active: float = 0.1,
                  poor: float = PIQE_POOR) -> None:
         if mode not in ("global", "patch"):
@@ -309,7 +331,7 @@ class PiqeScorer:
         self.poor = poor
         self.name = "piqe" if mode == "global" else "piqe_patch"
 
-    def __call__(self, image: Image.Image, seed: int = 0) -> Prediction:
+    def __call__(self, image: Image.Image, seed: int = 0, reference: Path | None = None) -> Prediction:
         # Blocks shared with the other PIQE scorer still count in this one's cost: what it would take alone.
         blocks, seconds = shared_piqe_blocks(image)
         start = time.perf_counter()
@@ -322,4 +344,90 @@ class PiqeScorer:
                 value = float(np.mean([t.piqe for t in worst]))
                 defects = [{"type": PIQE_TYPES[t.kind], "bbox": list(t.box)} for t in worst if t.piqe >= self.poor]
         return Prediction(score=piqe_to_mos(value), defects=defects, raw=value,
+                          cost={"seconds": seconds + time.perf_counter() - start})
+
+
+# ---------------------------------------------------------------------------------------------------
+# SSIM, full reference
+
+SSIM_SIGMA = 1.5
+SSIM_TRUNCATE = 3.5  # a radius of 5 pixels: the paper's 11x11 window
+SSIM_C1 = (0.01 * 255) ** 2
+SSIM_C2 = (0.03 * 255) ** 2
+
+
+def _blur(values: np.ndarray) -> np.ndarray:
+    return gaussian_filter(values, SSIM_SIGMA, truncate=SSIM_TRUNCATE)
+
+
+@dataclass(frozen=True)
+class LocalStats:
+    """A photo's luminance with its local means and variances under SSIM's window (float32)."""
+
+    gray: np.ndarray
+    mean: np.ndarray
+    variance: np.ndarray
+
+    @classmethod
+    def of(cls, image: Image.Image | np.ndarray) -> LocalStats:
+        # float32 halves the filters' time; the local statistics of 0-255 values lose nothing SSIM sees.
+        gray = luminance(image).astype(np.float32)
+        mean = _blur(gray)
+        return cls(gray=gray, mean=mean, variance=_blur(gray * gray) - mean * mean)
+
+
+Photo = Image.Image | np.ndarray | LocalStats
+
+
+def ssim_map(image: Photo, reference: Photo) -> np.ndarray:
+    """SSIM at each pixel of ``image`` against ``reference`` (the same size): 1 where they agree."""
+    x = image if isinstance(image, LocalStats) else LocalStats.of(image)
+    y = reference if isinstance(reference, LocalStats) else LocalStats.of(reference)
+    if x.gray.shape != y.gray.shape:
+        (h1, w1), (h2, w2) = x.gray.shape, y.gray.shape
+        raise ValueError(f"SSIM needs images of one size, got {w1}x{h1} and {w2}x{h2}")
+    covariance = _blur(x.gray * y.gray) - x.mean * y.mean
+    numerator = (2 * x.mean * y.mean + SSIM_C1) * (2 * covariance + SSIM_C2)
+    return numerator / ((x.mean * x.mean + y.mean * y.mean + SSIM_C1) * (x.variance + y.variance + SSIM_C2))
+
+
+def ssim(image: Photo, reference: Photo) -> float:
+    """Mean SSIM of ``image`` against ``reference`` at native resolution: 1 is identical."""
+    return float(np.mean(ssim_map(image, reference), dtype=np.float64))
+
+
+@functools.lru_cache(maxsize=2)
+def _reference_stats(path: Path, mtime_ns: int, size: int, max_pixels: int) -> tuple[LocalStats, float]:
+    # Keyed by the file's mtime and size too: a reference rewritten since is read again. A photo's
+    # variants are scored one after another, so its original is read and filtered once for them all.
+    start = time.perf_counter()
+    stats = LocalStats.of(load_image(path, max_pixels=max_pixels))
+    return stats, time.perf_counter() - start
+
+
+class SsimScorer:
+    """SSIM against the photo's pristine original (the module docstring), mapped to the MOS scale."""
+
+    name = "ssim"
+    full_reference = True
+
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.max_pixels = max_pixels
+
+    def __call__(self, image: Image.Image, seed: int = 0, reference: Path | None = None) -> Prediction:
+        if reference is None:
+            return Prediction(score=None, outcome="no_reference")
+        try:
+            status = reference.stat()
+            original, seconds = _reference_stats(reference, status.st_mtime_ns, status.st_size,
+                                                 self.max_pixels)
+        except (OSError, QProbeError) as exc:
+            return Prediction(score=None, outcome="error", error=f"{reference}: {describe(exc)}")
+        start = time.perf_counter()
+        try:
+            value = ssim(image, original)
+        except ValueError as exc:  # an original of another size
+            return Prediction(score=None, outcome="error", error=f"{reference} (the original): {exc}")
+        # What it would take alone: the original's statistics count in every image that used them.
+        return Prediction(score=1.0 + 4.0 * max(value, 0.0), raw=value,
                           cost={"seconds": seconds + time.perf_counter() - start})

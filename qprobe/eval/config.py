@@ -15,7 +15,7 @@ from qprobe.executors import ExecutorArgs
 from qprobe.io import DEFAULT_MAX_PIXELS
 
 MODEL = "qprobe"
-BASELINES = ("no_tool", "piqe", "piqe_patch")
+BASELINES = ("no_tool", "piqe", "piqe_patch", "ssim")
 AGENTS = ("qprobe", "no_tool")
 BOX_METHODS = ("qprobe", "no_tool", "piqe_patch")  # methods that report defect boxes
 TRAINING_STAGES = ("stage1", "stage2", "stage3")

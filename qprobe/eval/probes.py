@@ -197,8 +197,10 @@ def _bokeh_photos(cfg: EvaluateConfig) -> list[tuple[str, Path]]:
 
 def run_probes(sets: Sequence[EvalSet], scorers: dict[str, Scorer], backend: Backend,
                cfg: EvaluateConfig) -> dict[str, dict[str, ProbeResult]]:
-    """Cropping bias, bokeh and repeatability, each for the methods it is meaningful for."""
+    """Cropping bias, bokeh and repeatability, each for the methods it is meaningful for (blind ones)."""
     results: dict[str, dict[str, ProbeResult]] = {}
+    # The probes' photos have no pristine original to compare with.
+    scorers = {name: scorer for name, scorer in scorers.items() if not scorer.full_reference}
 
     def load(named: Sequence[tuple[str, Path]]) -> list[tuple[str, Any]]:
         return [(name, load_image(path, max_pixels=cfg.max_image_pixels)) for name, path in named]

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 GALLERY_METHODS = ("qprobe", "piqe_patch")
 LABELS = {"qprobe": "Q-Probe", "no_tool": "same model, tool disabled", "piqe": "PIQE (global)",
-          "piqe_patch": "PIQE (worst tiles)"}
+          "piqe_patch": "PIQE (worst tiles)", "ssim": "SSIM (full reference)"}
 STAT_LABELS = {"srcc": "SRCC", "krcc": "KRCC", "plcc": "PLCC", "plcc_logistic": "PLCC (logistic)",
                "rmse": "RMSE", "rmse_logistic": "RMSE (logistic)"}
 

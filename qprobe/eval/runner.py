@@ -8,6 +8,9 @@ is scored by
 * ``no_tool``: the same model with the tool disabled (``max_crops = 0``: one look at the global view);
 * ``piqe`` and ``piqe_patch``: the classical no-reference baseline, globally and over its worst tiles
   at native resolution (:mod:`qprobe.eval.baselines`);
+* ``ssim``: the full-reference yardstick, SSIM against the image's pristine original where its set
+  has one (the bench does: its photo's defect-free image; public sets do not): how well a method that
+  sees the defects, and nothing of the content, ranks the set;
 
 each baseline can be switched off (:mod:`qprobe.eval.config`). The predictions table
 (:mod:`qprobe.eval.scoring`) gives, per set and method (:mod:`qprobe.eval.summary`, the statistics
@@ -138,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Evaluate a model and its baselines on labelled photos; write metrics, plots and an HTML report.
 
     The steps (:func:`evaluate`): read the sets (manifests with a ``mos`` column), score every image
-    with the model, the model without its crop tool and PIQE (globally and patch-wise); compute each
+    with the model, the model without its crop tool, PIQE (globally and patch-wise) and SSIM against
+    the image's pristine original; compute each
     method's correlations with MOS and their bootstrap intervals, per-type and per-severity
     statistics, box localisation and cost; run the cropping-bias, bokeh and repeatability probes;
     read the training stages' curve files; write the tables, plot data, report, every metric

@@ -29,7 +29,7 @@ from qprobe.agent.backends import Backend
 from qprobe.agent.inflight import ordered_map
 from qprobe.data.manifest import image_path, read_manifest
 from qprobe.errors import QProbeError
-from qprobe.eval.baselines import AgentScorer, PiqeScorer, Prediction, Scorer
+from qprobe.eval.baselines import AgentScorer, PiqeScorer, Prediction, Scorer, SsimScorer
 from qprobe.eval.config import MODEL, EvaluateConfig
 from qprobe.io import load_image
 
@@ -65,6 +65,8 @@ def load_sets(cfg: EvaluateConfig) -> list[EvalSet]:
         path = Path(spec)
         frame = read_manifest(path)
         manifest = Path(frame.attrs["path"])
+        # Before the split and the limit: an image's original may be in rows neither keeps.
+        frame["reference"] = pristine_originals(frame)
         if cfg.split != "all":
             present = sorted(set(frame["split"].astype(str)))
             frame = frame[frame["split"] == cfg.split]
@@ -87,6 +89,8 @@ def make_scorers(cfg: EvaluateConfig, backend: Backend) -> dict[str, Scorer]:
         scorers["piqe"] = PiqeScorer("global")
     if "piqe_patch" in cfg.baselines:
         scorers["piqe_patch"] = PiqeScorer("patch", tile=cfg.piqe_tile, worst=cfg.piqe_worst)
+    if "ssim" in cfg.baselines:
+        scorers["ssim"] = SsimScorer(cfg.max_image_pixels)
     return scorers
 
 
@@ -96,10 +100,21 @@ def _true_defects(row: pd.Series) -> list[dict[str, Any]]:
             for d in defects]
 
 
+def _defect_flag(value: Any) -> bool | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else bool(value)
+
+
 def has_defect(row: pd.Series) -> bool | None:
     """The row's ``has_defect``; ``None`` where unknown (null, or nan as pandas may read it)."""
-    value = row["has_defect"]
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else bool(value)
+    return _defect_flag(row["has_defect"])
+
+
+def pristine_originals(frame: pd.DataFrame) -> pd.Series:
+    """Each row's pristine original for full-reference methods: the ``image`` of the first row (by id)
+    of its ``source`` with ``has_defect`` false, or None where its source has none (public sets)."""
+    pristine = frame[frame["has_defect"].map(lambda v: _defect_flag(v) is False)]
+    originals = pristine.sort_values("id").drop_duplicates("source").set_index("source")["image"]
+    return frame["source"].map(originals).astype(object).where(frame["source"].isin(originals.index), None)
 
 
 def _record(set_name: str, row: pd.Series, path: Path, method: str, prediction: Prediction) -> dict[str, Any]:
@@ -124,6 +139,7 @@ class ImageShard:
     row: pd.Series
     path: Path
     file: Path
+    reference: Path | None = None  # the file of its pristine original, for full-reference methods
 
 
 @dataclass
@@ -141,7 +157,7 @@ def score_image(shard: ImageShard, scorers: dict[str, Scorer], cfg: EvaluateConf
         return ImageResult([], [], skipped=str(exc))
     result = ImageResult([], [])
     for method, scorer in scorers.items():
-        prediction = scorer(image, seed=cfg.seed)
+        prediction = scorer(image, seed=cfg.seed, reference=shard.reference)
         result.records.append(_record(shard.set_name, shard.row, shard.path, method, prediction))
         if prediction.trace is not None:
             result.traces.append({"set": shard.set_name, "id": str(shard.row["id"]), "method": method,
@@ -164,8 +180,10 @@ def score_sets(sets: Sequence[EvalSet], scorers: dict[str, Scorer], cfg: Evaluat
         shards = []
         for _, row in eval_set.rows.iterrows():
             path = image_path(eval_set.manifest, str(row["image"]))
+            original = None if row["reference"] is None else image_path(eval_set.manifest, str(row["reference"]))
             # Read by absolute path: a Ray worker need not share this process's working directory.
-            shards.append(ImageShard(eval_set.name, row, path, path.resolve()))
+            shards.append(ImageShard(eval_set.name, row, path, path.resolve(),
+                                     None if original is None else original.resolve()))
         mapped = ordered_map(score, shards, concurrency) if concurrency > 1 else cfg.map(score, shards)
         for result in tqdm(mapped, total=len(shards), desc=f"evaluate {eval_set.name}",
                            unit="img", file=sys.stderr, disable=None):

@@ -129,7 +129,6 @@ def high_res_sample(photo: BenchPhoto, cfg: TrajectoriesConfig, rng: random.Rand
     defects = photo.defects
     salient = salient_regions(photo.texture, cfg.planner.clean_crop_fraction)
     limits = cfg.protocol
-    brief = cfg.reasoning == "brief"
     plan = plan_crops([d[2] for d in defects], width, height, cfg.planner, rng, limits.max_crops, salient)
     tool = CropTool(photo.image, limits.global_max_pixels, limits.crop_max_pixels, max_calls=limits.max_crops)
     view, geometry = global_view(photo.image, limits.global_max_pixels)
@@ -139,8 +138,8 @@ def high_res_sample(photo: BenchPhoto, cfg: TrajectoriesConfig, rng: random.Rand
     for i, (box, _) in enumerate(plan):
         inside = tuple(d for d in defects if _contains(box, d[2]))
         facts = composer.CropFacts(box=box, defects=inside, texture=photo.texture.box_mean(box))
-        lead = (composer.global_impression(facts, width, height, photo.row["mos"], scale, rng, brief) if i == 0
-                else composer.next_target(facts, width, height, rng, brief))
+        lead = (composer.global_impression(facts, width, height, photo.row["mos"], scale, rng, cfg.brief) if i == 0
+                else composer.next_target(facts, width, height, rng, cfg.brief))
         view_box = _outward(geometry.to_view(box))
         messages.append(protocol.assistant_turn(protocol.render_turn(lead, protocol.render_tool_call(view_box))))
         blocks = tool.crop(view_box)
@@ -149,7 +148,7 @@ def high_res_sample(photo: BenchPhoto, cfg: TrajectoriesConfig, rng: random.Rand
             raise RuntimeError(f"{photo.row['id']}: crop tool refused a planned box: {record.error}")
         crops.append(list(record.original_box))
         messages.append(protocol.tool_turn(blocks))
-        messages.append({"role": "_scrutiny", "text": composer.scrutiny(facts, width, height, rng, brief)})
+        messages.append({"role": "_scrutiny", "text": composer.scrutiny(facts, width, height, rng, cfg.brief)})
     # Each crop's scrutiny opens the following assistant turn (the next call, or the answer).
     answer_defects = [protocol.Defect(bbox=tuple(_outward(geometry.to_view(d[2]))), type=d[0]) for d in defects]
     answer = protocol.render_answer(photo.row["mos"], answer_defects)
@@ -186,7 +185,7 @@ def low_res_sample(photo: BenchPhoto, cfg: TrajectoriesConfig, rng: random.Rando
     sx, sy = small.size[0] / photo.image.size[0], small.size[1] / photo.image.size[1]
     defects = [(t, s, (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy)) for t, s, b in photo.defects]
     messages = protocol.global_turn(small, small.size, cfg.protocol.max_crops)
-    think = composer.low_res_impression(photo.row["mos"], defects, *small.size, rng, cfg.reasoning == "brief")
+    think = composer.low_res_impression(photo.row["mos"], defects, *small.size, rng, cfg.brief)
     answer = protocol.render_answer(photo.row["mos"], [
         protocol.Defect(bbox=tuple(_outward(geometry.to_view(b))), type=t) for t, _, b in defects])
     messages.append(protocol.assistant_turn(protocol.render_turn(think, answer)))

@@ -52,3 +52,8 @@ class TrajectoriesConfig(ExecutorArgs):
             raise ValueError("protocol.max_crops must be at least 1: a high-resolution trajectory crops")
         if "test" in self.train_splits:
             raise ValueError("train_splits must not contain 'test': no test photo may reach training")
+
+    @property
+    def brief(self) -> bool:
+        """Whether the reasoning is the brief style (one short clause a phase)."""
+        return self.reasoning == "brief"
