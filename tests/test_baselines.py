@@ -248,3 +248,13 @@ def test_ssim_scorer_reads_an_original_rewritten_since(tmp_path: Path) -> None:
     Image.fromarray(photo[::-1].copy()).save(original)  # the same size, other pixels
     os.utime(original, ns=(original.stat().st_atime_ns, original.stat().st_mtime_ns + 1_000_000))
     assert scorer(Image.fromarray(photo), reference=original).raw < 0.5
+
+
+def test_ssim_runs_at_native_resolution(photos_dir: Path) -> None:
+    photo = Image.open(photos_dir / "plasma-ColorfulCups.jpg").convert("RGB")
+    assert photo.size == (2560, 1600)
+    # An 8x8 change in a 4-megapixel photo is seen; a downscale would average it away.
+    changed = np.asarray(photo).copy()
+    changed[800:808, 1200:1208] = 255 - changed[800:808, 1200:1208]
+    blurred = photo.filter(ImageFilter.GaussianBlur(2))
+    assert 0 < ssim(blurred, photo) < ssim(changed, photo) < 1

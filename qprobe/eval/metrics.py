@@ -31,9 +31,6 @@ same matching as the RL reward): ``mean_iou`` is that reward averaged over the i
 ``recall`` the share of true boxes matched at IoU >= the threshold (0.5 by default), ``precision``
 the share of predicted boxes so matched, and ``false_alarm_rate`` the share of pristine images on
 which the method reported any defect. An image without an answer predicted no boxes.
-
-**Full-reference checks.** :func:`psnr` and :func:`ssim` compare two images of the same size at
-their native resolution; images of different sizes are an error, never silently resized.
 """
 
 from __future__ import annotations
@@ -300,28 +297,3 @@ def recall_by_type(pred_boxes: Sequence[Sequence[Box]], true_boxes: Sequence[Seq
             totals[kind] = totals.get(kind, 0) + 1
             hits[kind] = hits.get(kind, 0) + (j in matched)
     return {kind: hits[kind] / totals[kind] for kind in sorted(totals)}
-
-
-def _same_size(reference: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    a, b = np.asarray(reference), np.asarray(test)
-    if a.shape != b.shape:
-        raise ValueError(f"full-reference metrics compare images of one size at native resolution; "
-                         f"got {a.shape} and {b.shape} (crop or register them first, never resize)")
-    return a.astype(np.float64), b.astype(np.float64)
-
-
-def psnr(reference: np.ndarray, test: np.ndarray, data_range: float = 255.0) -> float:
-    """Peak signal-to-noise ratio in dB at native resolution (``inf`` for identical images)."""
-    a, b = _same_size(reference, test)
-    mse = float(np.mean((a - b) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
-
-
-def ssim(reference: np.ndarray, test: np.ndarray, data_range: float = 255.0) -> float:
-    """Mean SSIM (Wang et al. 2004, Gaussian window, sigma 1.5) at native resolution; colour channels averaged."""
-    from skimage.metrics import structural_similarity
-
-    a, b = _same_size(reference, test)
-    return float(structural_similarity(a, b, data_range=data_range, gaussian_weights=True, sigma=1.5,
-                                       use_sample_covariance=False,
-                                       channel_axis=-1 if a.ndim == 3 else None))
