@@ -142,11 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     The steps (:func:`evaluate`): read the sets (manifests with a ``mos`` column), score every image
     with the model, the model without its crop tool, PIQE (globally and patch-wise) and SSIM against
-    the image's pristine original; compute each
-    method's correlations with MOS and their bootstrap intervals, per-type and per-severity
-    statistics, box localisation and cost; run the cropping-bias, bokeh and repeatability probes;
-    read the training stages' curve files; write the tables, plot data, report, every metric
-    (``OUT/metrics_full.json``) and their summary (the metrics file).
+    the image's pristine original; compute each method's correlations with MOS and their bootstrap
+    intervals, per-type and per-severity statistics, box localisation and cost; run the cropping-bias,
+    bokeh and repeatability probes; read the training stages' curve files; write the tables, plot
+    data, report, every metric (``OUT/metrics_full.json``) and their summary (the metrics file).
 
     With no options it runs the ``evaluate:`` section of ``params.yaml`` (what ``dvc repro evaluate`` runs)::
 
