@@ -14,6 +14,8 @@ from fixtures_browser import chromium, console_lines, needs_chromium
 from fixtures_dvc import dvc
 from repo_copy import copy_repo
 
+from qprobe.eval.config import BASELINES, MODEL
+
 pytestmark = needs_chromium
 
 # The columns as a pipeline run writes them (trl's logged keys; evaluate's wide scatter table), so a
@@ -36,7 +38,7 @@ HEADERS = {
         "frac_reward_zero_std,rollouts/crop_area,rollouts/tool_calls_per_rollout,rollouts/tool_failure_rate,"
         "rollouts/truncation_rate,kl,entropy,clip_ratio/low_mean,clip_ratio/high_mean,clip_ratio/region_mean,"
         "clip_ratio/low_min,clip_ratio/high_max,step_time,epoch"),
-    "outputs/evaluate/plots/scatter_bench.csv": "id,mos,has_defect,qprobe,no_tool,piqe,piqe_patch",
+    "outputs/evaluate/plots/scatter_bench.csv": ",".join(["id", "mos", "has_defect", MODEL, *BASELINES]),
 }
 ROWS = 12
 # DVC's line template draws a hover point layer that is empty until the mouse moves over the plot;
