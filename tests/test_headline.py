@@ -6,9 +6,10 @@ import logging
 
 import pytest
 
+from qprobe.eval.config import BASELINES, MODEL
 from qprobe.headline import CAP, evaluate_figures, pipeline_figures
 
-METHODS = ("qprobe", "no_tool", "piqe", "piqe_patch")
+METHODS = (MODEL, *BASELINES)  # the default: every baseline on
 STAGES = ("bench", "model", "trajectories", "stage1", "stage2", "stage3", "evaluate")
 
 
